@@ -1,0 +1,1 @@
+"""bgpd: the Calyx BGP daemon (drives ExaBGP, keeps the RIB, programs the FIB)."""

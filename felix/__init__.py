@@ -1,0 +1,1 @@
+"""felix: the Calyx node agent (workload routes, policy in iptables and ipsets, status)."""
