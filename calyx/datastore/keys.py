@@ -35,7 +35,7 @@ class Kind(enum.StrEnum):
     ENDPOINT_STATUS = "EndpointStatus"
 
 
-class KeyError_(ValueError):
+class KeyNameError(ValueError):
     """A name cannot be used as a key segment."""
 
 
@@ -63,7 +63,7 @@ class KeyInfo:
 
 def _seg(value: str, what: str) -> str:
     if not value or "/" in value or value in (".", "..") or any(ord(c) < 0x20 for c in value):
-        raise KeyError_(f"invalid {what} {value!r}: must be non-empty, without '/' or control characters")
+        raise KeyNameError(f"invalid {what} {value!r}: must be non-empty, without '/' or control characters")
     return value
 
 
@@ -117,11 +117,11 @@ def block_cidr(name: str) -> str:
     """Inverse of :func:`block_name`."""
     addr, sep, plen = name.rpartition("-")
     if not sep:
-        raise KeyError_(f"invalid block name {name!r}: expected <address>-<prefix length>")
+        raise KeyNameError(f"invalid block name {name!r}: expected <address>-<prefix length>")
     try:
         return str(ipaddress.ip_network(f"{addr}/{plen}", strict=True))
     except ValueError as exc:
-        raise KeyError_(f"invalid block name {name!r}: {exc}") from None
+        raise KeyNameError(f"invalid block name {name!r}: {exc}") from None
 
 
 def ipam_block_key(cidr: str | ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
