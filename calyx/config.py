@@ -1,0 +1,291 @@
+"""Configuration shared by felix, bgpd, calyxctl and the CNI plugins.
+
+Sources, lowest precedence first: built-in defaults, the TOML file (``/etc/calyx/calyx.toml`` or
+``--config`` / ``CALYX_CONFIG``), environment variables ``CALYX_<KEY>``, and command-line flags.
+The TOML file may have ``[felix]``, ``[bgpd]`` and ``[cni]`` tables whose keys override the top
+level for that component only (e.g. two daemons on one host need two metrics ports). Environment
+variables may name the component too: ``CALYX_FELIX_METRICS_PORT`` beats ``CALYX_METRICS_PORT``
+for felix.
+
+Every key is declared once in :data:`FIELDS` with its type and check; an unknown key or a bad value
+raises :class:`ConfigError` naming the key and where it came from, and the commands turn that into
+one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/calyx/calyx.toml"
+COMPONENTS = ("felix", "bgpd", "cni", "calyxctl")
+EXIT_CONFIG = 2
+#: exit code of a daemon that must be restarted to apply a configuration change
+EXIT_RESTART = 129
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and its source."""
+
+
+def _endpoints(value: object) -> tuple[str, ...]:
+    items: list[str]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError("expected a list of URLs or a comma-separated string")
+    if not items:
+        raise ValueError("at least one endpoint is needed")
+    pat = re.compile(r"^(https?://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
+    for item in items:
+        if not pat.match(item):
+            raise ValueError(f"{item!r} is not host:port or http(s)://host:port")
+    return tuple(items)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _opt_path(value: object) -> str:
+    path = _str(value)
+    return path
+
+
+def _int_range(lo: int, hi: int) -> Callable[[object], int]:
+    def conv(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, str):
+            if not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"expected an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return conv
+
+
+def _float_range(lo: float, hi: float) -> Callable[[object], float]:
+    def conv(value: object) -> float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            f = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not lo <= f <= hi:
+            raise ValueError(f"{f} is outside {lo}..{hi}")
+        return f
+
+    return conv
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def conv(value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return conv
+
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _node_name(value: object) -> str:
+    name = _str(value)
+    if not _NODE_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid node name (letters, digits, '.', '_', '-')")
+    return name
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved configuration. Field names are the TOML keys; ``CALYX_<UPPER>`` the variables."""
+
+    node_name: str = field(default_factory=socket.gethostname)
+    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_timeout: float = 5.0
+    log_level: str = "info"
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    state_dir: str = "/var/lib/calyx"
+    run_dir: str = "/run/calyx"
+    # felix
+    iptables_backend: str = "auto"
+    route_refresh_interval: float = 90.0
+    iptables_refresh_interval: float = 90.0
+    ipset_refresh_interval: float = 90.0
+    status_interval: float = 10.0
+    status_ttl: int = 30
+    ip_forwarding: str = "warn"
+    endpoint_status: bool = True
+    tunnel_mtu: int = 0
+    # bgpd
+    exabgp_bin: str = "exabgp"
+    bgp_router_id: str | None = None
+    bgp_listen_port: int = 179
+    bgp_metric: int = 20
+    reactor_speed: float = 0.1
+    # where this config came from, for messages
+    source: str = ""
+
+
+# key -> converter; every key a user may set
+FIELDS: dict[str, Callable[[object], Any]] = {
+    "node_name": _node_name,
+    "etcd_endpoints": _endpoints,
+    "etcd_ca": _opt_path,
+    "etcd_cert": _opt_path,
+    "etcd_key": _opt_path,
+    "etcd_username": _str,
+    "etcd_password": _str,
+    "etcd_timeout": _float_range(0.1, 600),
+    "log_level": _choice("debug", "info", "warning", "error", "critical"),
+    "metrics_port": _int_range(0, 65535),
+    "metrics_host": _str,
+    "state_dir": _str,
+    "run_dir": _str,
+    "iptables_backend": _choice("auto", "legacy", "nft"),
+    "route_refresh_interval": _float_range(0, 86400),
+    "iptables_refresh_interval": _float_range(0, 86400),
+    "ipset_refresh_interval": _float_range(0, 86400),
+    "status_interval": _float_range(0.5, 3600),
+    "status_ttl": _int_range(2, 86400),
+    "ip_forwarding": _choice("warn", "enable"),
+    "endpoint_status": _bool,
+    "tunnel_mtu": _int_range(0, 65535),
+    "exabgp_bin": _str,
+    "bgp_router_id": _str,
+    "bgp_listen_port": _int_range(1, 65535),
+    "bgp_metric": _int_range(1, 4294967295),
+    "reactor_speed": _float_range(0.03, 5.0),
+}
+
+#: per-component defaults that differ from the Config defaults
+COMPONENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "felix": {"metrics_port": 9091},
+    "bgpd": {"metrics_port": 9092},
+}
+
+assert set(FIELDS) <= {f.name for f in fields(Config)}
+
+
+def _convert(key: str, value: object, source: str) -> Any:
+    conv = FIELDS.get(key)
+    if conv is None:
+        raise ConfigError(f"{source}: unknown configuration key {key!r}")
+    try:
+        return conv(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid value for {key}: {exc}") from None
+
+
+def load(
+    component: str,
+    *,
+    path: str | None = None,
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the configuration of ``component`` (felix, bgpd, cni, calyxctl).
+
+    ``path`` None means ``$CALYX_CONFIG`` or the default path, which may be absent; an explicitly
+    named file must exist. ``flags`` holds values given on the command line (None values ignored).
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component}")
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = dict(COMPONENT_DEFAULTS.get(component, {}))
+    sources: list[str] = []
+
+    explicit = path is not None or "CALYX_CONFIG" in env
+    cfg_path = Path(path or env.get("CALYX_CONFIG") or DEFAULT_PATH)
+    if cfg_path.exists() or explicit:
+        try:
+            raw = tomllib.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {cfg_path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {cfg_path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from None
+        sources.append(str(cfg_path))
+        for key, value in raw.items():
+            if key in COMPONENTS:
+                continue
+            values[key] = _convert(key, value, str(cfg_path))
+        section = raw.get(component)
+        if section is not None:
+            if not isinstance(section, dict):
+                raise ConfigError(f"{cfg_path}: [{component}] must be a table")
+            for key, value in section.items():
+                values[key] = _convert(key, value, f"{cfg_path} [{component}]")
+        for comp in COMPONENTS:
+            sec = raw.get(comp)
+            if comp != component and isinstance(sec, dict):
+                for key, value in sec.items():  # validate the other sections too: typos anywhere fail
+                    _convert(key, value, f"{cfg_path} [{comp}]")
+
+    for key in FIELDS:
+        for var in (f"CALYX_{key.upper()}", f"CALYX_{component.upper()}_{key.upper()}"):
+            if var in env:
+                values[key] = _convert(key, env[var], f"environment variable {var}")
+                if "environment" not in sources:
+                    sources.append("environment")
+
+    for key, value in (flags or {}).items():
+        if value is None or value == ():
+            continue
+        values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
+
+    if bool(values.get("etcd_cert")) != bool(values.get("etcd_key")):
+        raise ConfigError("etcd_cert and etcd_key must be given together")
+    if bool(values.get("etcd_username")) != bool(values.get("etcd_password")):
+        raise ConfigError("etcd_username and etcd_password must be given together")
+    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
+        p = values.get(key)
+        if p and not Path(p).is_file():
+            raise ConfigError(f"{key}: file {p} does not exist")
+    return replace(Config(), **values, source=", ".join(sources) or "defaults")
+
+
+def datastore_kwargs(cfg: Config) -> dict[str, Any]:
+    """Arguments for :class:`calyx.datastore.client.Datastore` from a Config."""
+    return {
+        "ca": cfg.etcd_ca,
+        "cert": cfg.etcd_cert,
+        "key": cfg.etcd_key,
+        "username": cfg.etcd_username,
+        "password": cfg.etcd_password,
+        "timeout": cfg.etcd_timeout,
+    }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything Calyx's demo and tests need on a Debian 12 machine, then the project itself
+# into ./.venv. Safe to run again: it installs only what is missing.
+# Usage: scripts/setup.sh            (as root: apt packages need it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc
+  etcd-server etcd-client            # the datastore (started by hand: no systemd needed)
+  iproute2 iptables ipset            # the dataplane felix programs
+  iputils-ping tcpdump netcat-openbsd procps psmisc openssl
+  bird2 frr                          # BGP peers, ToRs and route reflectors in tests and labs
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  echo "setup: Python >= 3.11 is required ($PY is $("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.calyx-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+echo "setup: ok ($(.venv/bin/python --version), $(etcd --version 2>/dev/null | head -1))"
