@@ -1,20 +1,21 @@
 """Shared pytest configuration: fixture plugins and marker gating.
 
 Fixtures live in ``tests/fixtures/`` (one module per kind of real component: etcd, network
-namespaces, ...). Tests marked ``privileged`` need root; they are skipped with a reason when not
-root, never silently passed.
+namespaces, routers, daemons...); every module there is loaded as a plugin. Tests marked
+``privileged``, ``lab`` or ``uml`` need root; they are skipped with a reason when not root, never
+silently passed.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-pytest_plugins = [
-    "tests.fixtures.etcd",
-    "tests.fixtures.netns",
-]
+pytest_plugins = sorted(
+    f"tests.fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__"
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
