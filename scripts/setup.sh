@@ -11,6 +11,7 @@ APT_PACKAGES=(
   iproute2 iptables ipset            # the dataplane felix programs
   iputils-ping tcpdump netcat-openbsd procps psmisc openssl
   bird2 frr                          # BGP peers, ToRs and route reflectors in tests and labs
+  user-mode-linux kmod               # IP-in-IP tests run in UML (this host kernel has no ipip)
 )
 
 missing=()
