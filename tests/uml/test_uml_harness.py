@@ -23,7 +23,9 @@ ip link add cali1 netns h1 type veth peer name eth0 netns w1
 ip link add cali2 netns h2 type veth peer name eth0 netns w2
 ip -n h1 addr add 10.98.1.2/24 dev h1-r; ip -n r addr add 10.98.1.1/24 dev r-h1
 ip -n h2 addr add 10.98.2.2/24 dev h2-r; ip -n r addr add 10.98.2.1/24 dev r-h2
-for p in "h1 h1-r" "h2 h2-r" "r r-h1" "r r-h2" "h1 cali1" "h2 cali2" "w1 eth0" "w2 eth0"; do set -- $p; ip -n $1 link set $2 up; done
+for p in "h1 h1-r" "h2 h2-r" "r r-h1" "r r-h2" "h1 cali1" "h2 cali2" "w1 eth0" "w2 eth0"; do
+  set -- $p; ip -n $1 link set $2 up
+done
 ip -n r link set lo up; ip netns exec r sysctl -qw net.ipv4.ip_forward=1
 for h in h1 h2; do ip netns exec $h sysctl -qw net.ipv4.ip_forward=1; ip -n $h link set tunl0 up; done
 ip -n h1 route add default via 10.98.1.1; ip -n h2 route add default via 10.98.2.1
