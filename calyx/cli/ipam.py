@@ -66,17 +66,21 @@ def show(obj: Context, show_blocks: bool, show_handles: bool, address: str | Non
         click.echo(f"{addr}: not in any block (free)" if fmt == "table" else
                    json.dumps({"address": str(addr), "block": None, "handle": None}))
         return
-    pools = []
+    pools: list[dict[str, Any]] = []
     for p in sorted(snap.pools, key=lambda p: p.name):
         blocks = [b for b, _ in snap.blocks.values() if within(b.cidr, p.cidr)]
         in_use = sum(b.in_use() for b in blocks)
         pools.append({"name": p.name, "cidr": str(p.cidr), "block_size": p.block_size, "disabled": p.disabled,
                       "blocks_claimed": len(blocks), "blocks_total": block_count(p),
                       "addresses_in_use": in_use, "addresses_total": p.cidr.num_addresses})
-    blocks_out = [{"cidr": str(b.cidr), "affinity": b.affinity, "pool": b.pool, "in_use": b.in_use(),
-                   "size": b.cidr.num_addresses} for b, _ in sorted(snap.blocks.values(), key=lambda br: br[0].cidr)]
-    handles_out = [{"handle": h.handle_id, "addresses": [str(a) for a in h.addresses], "attributes": h.attributes}
-                   for h, _ in sorted(snap.handles.values(), key=lambda hr: hr[0].handle_id)]
+    blocks_out: list[dict[str, Any]] = [
+        {"cidr": str(b.cidr), "affinity": b.affinity, "pool": b.pool, "in_use": b.in_use(),
+         "size": b.cidr.num_addresses} for b, _ in sorted(snap.blocks.values(), key=lambda br: br[0].cidr)
+    ]
+    handles_out: list[dict[str, Any]] = [
+        {"handle": h.handle_id, "addresses": [str(a) for a in h.addresses], "attributes": h.attributes}
+        for h, _ in sorted(snap.handles.values(), key=lambda hr: hr[0].handle_id)
+    ]
     if fmt == "json":
         doc: dict[str, Any] = {"pools": pools}
         if show_blocks:
@@ -86,9 +90,10 @@ def show(obj: Context, show_blocks: bool, show_handles: bool, address: str | Non
         click.echo(json.dumps(doc, indent=2))
         return
     rows = [["POOL", "CIDR", "BLOCKS", "IN USE", "STATE"]]
-    for p in pools:
-        rows.append([p["name"], p["cidr"], f"{p['blocks_claimed']}/{p['blocks_total']} of /{p['block_size']}",
-                     f"{p['addresses_in_use']}/{p['addresses_total']}", "disabled" if p["disabled"] else "enabled"])
+    for pd in pools:
+        rows.append([pd["name"], pd["cidr"], f"{pd['blocks_claimed']}/{pd['blocks_total']} of /{pd['block_size']}",
+                     f"{pd['addresses_in_use']}/{pd['addresses_total']}",
+                     "disabled" if pd["disabled"] else "enabled"])
     click.echo(_table(rows), nl=False)
     if show_blocks:
         click.echo()
@@ -150,7 +155,7 @@ def allocate(obj: Context, handle_id: str, node: str | None, addresses: tuple[st
 def release(obj: Context, handle_id: str | None, address: str | None, empty_blocks: bool, block: str | None,
             node: str | None, force: bool) -> None:
     """Release addresses (by handle or address) or free the affinity of empty blocks."""
-    if sum(x is not None and x is not False for x in (handle_id, address, block, empty_blocks or None)) != 1:
+    if sum(x is not None for x in (handle_id, address, block, True if empty_blocks else None)) != 1:
         raise click.UsageError("give exactly one of --handle, --ip, --block, --empty-blocks")
     ipam_ = _ipam(obj)
     try:
