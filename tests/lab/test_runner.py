@@ -1,0 +1,188 @@
+"""The namespace runner without Calyx's daemons: topology, etcd, cluster objects, FRR/BIRD routers,
+status, exec, several instances at once, and a teardown that leaves nothing behind (also after a
+``lab up`` that was killed half-way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from calyx.datastore import keys
+from calyx.lab import fabric, procs
+from calyx.lab.runner import FRR_RUN, Lab, LabError, down_instance
+from calyx.lab.topology import resolve
+from tests.lab.conftest import instance_name, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+def _frr_peer_states(lab: Lab, node: str) -> dict[str, str]:
+    out = lab.run(node, ["vtysh", "-c", "show bgp summary json"], check=True).stdout
+    peers = json.loads(out).get("ipv4Unicast", {}).get("peers", {})
+    return {ip: p.get("state", "?") for ip, p in peers.items()}
+
+
+def _kernel_routes(lab: Lab, node: str) -> set[str]:
+    out = lab.run(node, ["ip", "-j", "route", "show"], check=True).stdout
+    return {r["dst"] for r in json.loads(out)}
+
+
+def test_two_racks_topology_etcd_and_tors(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab("two-racks", daemons=False)
+    names = set(fabric.list_netns(lab.state.prefix))
+    assert names == {lab.state.prefix + n for n in (*lab.topo.nodes, "_mgmt")}
+    # the cluster objects are in the lab's etcd
+    kvs, _ = lab.datastore().get_prefix(keys.NODES_PREFIX)
+    assert sorted(kv.key.rsplit("/", 1)[-1] for kv in kvs) == ["h1a", "h1b", "h2a", "h2b"]
+    # the ToRs peer with each other over eBGP and learn each other's rack subnet into the kernel
+    wait_until(lambda: _frr_peer_states(lab, "tor1").get("10.0.0.1") == "Established", 30, "tor1-tor2 session")
+    wait_until(lambda: "10.0.2.0/24" in _kernel_routes(lab, "tor1"), 15, "tor1 learning rack 2")
+    assert "65002" in lab.router_routes("tor1")
+    # underlay: a host of rack 1 reaches a host of rack 2 through both ToRs
+    assert lab.ping("h1a", "10.0.2.11", count=1, timeout=2)
+    # the hosts reach etcd on the management network, as in containerlab
+    code = f"import urllib.request; print(urllib.request.urlopen('{lab.etcd_endpoint_inside}/health').read().decode())"
+    r = lab.run("h2b", [sys.executable, "-c", code])
+    assert '"health":"true"' in r.stdout.replace(" ", ""), r.stderr
+    # nothing of the lab is in the machine's own namespace
+    root_links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+    assert "mgmt0" not in root_links
+    rows = {r["node"]: r for r in lab.status_rows()}
+    assert rows["tor1"]["processes"] == "zebra up, bgpd up"
+    assert rows["etcd"]["processes"] == "etcd up"
+
+
+def test_route_reflectors_bird_and_cli(lab_root: Path) -> None:
+    """The same through the command line, as an operator runs it, on the BIRD topology."""
+    env = dict(os.environ, CALYX_LAB_DIR=str(lab_root))
+    name = instance_name("c")
+    # the console script's way: main() loads the lab group before running click
+    cli = [sys.executable, "-c", "from calyx.cli.main import main; main()"]
+
+    def calyxctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"calyxctl {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    try:
+        up = calyxctl("lab", "up", "route-reflectors", "--name", name, "--no-daemons")
+        assert f"lab {name} is up" in up.stdout
+        st = calyxctl("lab", "status", name)
+        assert "rr2" in st.stdout and "bird up" in st.stdout
+        out = calyxctl("lab", "exec", name, "rr2", "birdc", "show", "protocols").stdout
+        assert "rr1" in out and "BGP" in out
+        assert calyxctl("lab", "exec", name, "h1", "ip", "-br", "addr", "show", "eth1").stdout.count("10.0.0.11/24")
+        bad = calyxctl("lab", "exec", name, "nosuchnode", "true", check=False)
+        assert bad.returncode == 1 and "no node or workload 'nosuchnode'" in bad.stderr
+        again = calyxctl("lab", "up", "route-reflectors", "--name", name, "--no-daemons", check=False)
+        assert again.returncode == 1 and "already up" in again.stderr
+        # the failed second `up` did not tear down the running one
+        assert "bird up" in calyxctl("lab", "status", name).stdout
+    finally:
+        down = calyxctl("lab", "down", name, check=False)
+    assert down.returncode == 0, down.stderr
+    assert fabric.list_netns(fabric.prefix_for(name)) == []
+    assert not (lab_root / name).exists()
+    assert "no lab" in calyxctl("lab", "status", name, check=False).stderr
+
+
+def test_two_instances_at_once_do_not_clash(make_lab: Callable[..., Lab]) -> None:
+    a = make_lab("two-racks", daemons=False)
+    b = make_lab("two-racks", daemons=False)
+    assert not set(fabric.list_netns(a.state.prefix)) & set(fabric.list_netns(b.state.prefix))
+    assert a.state.etcd_port != b.state.etcd_port
+    for lab in (a, b):
+        def up(lab: Lab = lab) -> bool:
+            return _frr_peer_states(lab, "tor2").get("10.0.0.0") == "Established"
+
+        wait_until(up, 30, "ToR session")
+    a.down()
+    assert fabric.list_netns(a.state.prefix) == []
+    assert all(p.alive for p in b.state.procs), "tearing one instance down touched the other"
+    assert _frr_peer_states(b, "tor2").get("10.0.0.0") == "Established"
+
+
+def _lab_leftovers(prefix: str, procs_before: list[procs.Proc]) -> list[str]:
+    left = [f"namespace {n}" for n in fabric.list_netns(prefix)]
+    left += [f"FRR dir {d}" for d in (FRR_RUN.iterdir() if FRR_RUN.is_dir() else [])
+             if d.name.startswith(prefix.replace(".", "_"))]
+    left += [f"process {p.name}" for p in procs_before if p.alive]
+    return left
+
+
+def test_down_after_a_killed_up_leaves_nothing(lab_root: Path) -> None:
+    """`lab up` killed with SIGKILL half-way (etcd and routers running); `lab down` from another process."""
+    name = instance_name("k")
+    env = dict(os.environ, CALYX_LAB_DIR=str(lab_root))
+    proc = subprocess.Popen([sys.executable, "-c", "from calyx.cli.main import main; main()", "lab", "up",
+                             "two-racks", "--name", name, "--no-daemons"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    state = lab_root / name / "state.json"
+    try:
+        wait_until(lambda: state.exists() and '"tor1/zebra"' in state.read_text(), 30, "up to start tor1")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        started = Lab.attach(name, root=lab_root).state.procs
+        assert any(p.name == "etcd" and p.alive for p in started)
+        prefix = fabric.prefix_for(name)
+        assert fabric.list_netns(prefix)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        removed = down_instance(name, root=lab_root)
+    assert any(r.startswith("namespace") for r in removed)
+    assert _lab_leftovers(prefix, started) == []
+    assert not (lab_root / name).exists()
+
+
+def test_down_without_a_state_file_sweeps_by_prefix(make_lab: Callable[..., Lab], lab_root: Path) -> None:
+    """Even when the state file is gone, the instance's namespaces and every process inside them go."""
+    lab = make_lab("two-racks", daemons=False)
+    started = list(lab.state.procs)
+    inside = [p for p in started if p.name != "forwarder"]
+    (lab.dir / "state.json").unlink()
+    down_instance(lab.state.instance, root=lab_root, clab_file=resolve("two-racks"))
+    assert [p.name for p in inside if p.alive] == []
+    assert fabric.list_netns(lab.state.prefix) == []
+    forwarder = next(p for p in started if p.name == "forwarder")
+    if forwarder.alive:  # it runs in the root namespace: only the state file knows it
+        os.kill(forwarder.pid, signal.SIGTERM)
+
+
+def test_a_router_that_cannot_start_is_named_with_its_log(lab_root: Path, tmp_path: Path) -> None:
+    src = resolve("two-racks").parent
+    dst = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    conf = dst / "tor2" / "frr.conf"
+    conf.write_text(conf.read_text().replace("router bgp 65002", "router bgp 65002 65003 bogus"))
+    lab = Lab.create(dst / "two-racks.clab.yml", instance=instance_name("b"), root=lab_root)
+    try:
+        with pytest.raises(LabError) as info:
+            lab.up(daemons=False)
+        assert info.value.node == "tor2"
+        assert "tor2: vtysh could not apply" in str(info.value)
+        assert "(last lines)" in str(info.value)
+    finally:
+        lab.down()
+    assert fabric.list_netns(lab.state.prefix) == []
+
+
+def test_missing_daemons_are_reported_not_faked(lab_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from calyx.lab import runner
+
+    monkeypatch.setitem(runner.PROGRAMS, "felix", "felix.no_such_module")
+    lab = Lab.create(resolve("two-racks"), instance=instance_name("m"), root=lab_root)
+    t0 = time.monotonic()
+    with pytest.raises(LabError, match=r"felix \(module felix.no_such_module\).*--no-daemons"):
+        lab.up()
+    assert time.monotonic() - t0 < 5
+    assert not lab.owned and fabric.list_netns(lab.state.prefix) == []
