@@ -40,6 +40,7 @@ Kernel quirks handled (details in docs/kernel.md):
 from __future__ import annotations
 
 import enum
+import gc
 import ipaddress
 import logging
 import socket
@@ -50,7 +51,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from calyx.kernel import rtnl
-from calyx.kernel.rtnl import Ack, AckCode, Link, Op, RouteMsg, RouteRequest
+from calyx.kernel.rtnl import Ack, AckCode, Link, Op, RouteMsg
 
 __all__ = [
     "DEFAULT_METRIC",
@@ -129,6 +130,8 @@ class Route:
     table: int | None = None
     scope: Scope | None = None
     _key: Key = field(init=False, repr=False, compare=False, hash=False)
+    # The table-independent netlink form, computed at the first apply that needs it (see _template).
+    _nl: _Template | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dst, IPv4Network | IPv6Network):
@@ -196,7 +199,7 @@ class Kernel(Protocol):
 
     def links(self) -> dict[str, Link]: ...
 
-    def route_batch(self, requests: Sequence[RouteRequest]) -> list[Ack]: ...
+    def route_batch(self, requests: Sequence[tuple[Op, RouteMsg]]) -> list[Ack]: ...
 
     def close(self) -> None: ...
 
@@ -230,13 +233,8 @@ def _matches(want: RouteMsg, have: RouteMsg) -> bool:
     return not (want.flags ^ have.flags) & rtnl.RTNH_F_ONLINK
 
 
-@dataclass(slots=True)
-class _Write:
-    key: Key
-    kind: str  # "add", "change", "remove", "supersede"
-    op: Op
-    msg: RouteMsg
-    old: RouteMsg | None = None  # the entry it replaces or deletes
+# One write: (destination key, kind for the counters, operation, message, the entry it supersedes).
+_Write = tuple[Key, str, Op, RouteMsg, RouteMsg | None]
 
 
 class RouteTable:
@@ -396,7 +394,21 @@ class RouteTable:
             self._kernel = None
 
     def apply(self) -> ApplyResult:
-        """Make the kernel hold the desired routes, with as few writes as possible."""
+        """Make the kernel hold the desired routes, with as few writes as possible.
+
+        The cyclic garbage collector is paused meanwhile: an apply of 100k routes allocates a few
+        hundred thousand small tuples that survive, which makes the collector walk the whole heap
+        several times over and triples the run time. Nothing here creates reference cycles.
+        """
+        if not gc.isenabled():
+            return self._apply()
+        gc.disable()
+        try:
+            return self._apply()
+        finally:
+            gc.enable()
+
+    def _apply(self) -> ApplyResult:
         start = time.monotonic()
         kernel = self._get_kernel()
         readback = self._need_readback
@@ -405,87 +417,66 @@ class RouteTable:
         dirty = self._dirty
         if not dirty:
             return ApplyResult(readback=readback, duration=time.monotonic() - start)
-        if self._need_links or any(self._desired[k].ifnames for k in dirty if k in self._desired):
+        if self._need_links or self._by_ifname:
             self._refresh_links(kernel)
         links = self._links or {}
 
+        desired, actual, force = self._desired, self._actual, self._force
         counts = {"add": 0, "change": 0, "remove": 0, "supersede": 0}
         failed: dict[Key, str] = {}
         pending: dict[Key, str] = {}
-        writes = 0
-        retry_readback = False
-
+        packed: dict[IPAddress, bytes] = {}
         phase1: list[_Write] = []
         later: dict[Key, list[_Write]] = {}
-        done: set[Key] = set()
         for key in dirty:
-            route = self._desired.get(key)
-            have = self._actual.get(key, ())
+            route = desired.get(key)
+            have = actual.get(key)
             if route is None:
-                phase1.extend(_Write(key, "remove", Op.DELETE, _strip(m), m) for m in have)
-                if not have:
-                    done.add(key)
+                if have:
+                    phase1.extend((key, "remove", Op.DELETE, m, m) for m in have)
                 continue
-            want, missing = self._to_msg(route, links)
-            if missing:
+            want, missing = self._to_msg(route, links, packed)
+            if want is None:
                 pending[key] = f"interface {missing} does not exist"
-                # Whatever we hold for this destination is not what is wanted: sweep it.
-                phase1.extend(_Write(key, "remove", Op.DELETE, _strip(m), m) for m in have)
+                if have:  # whatever we hold for this destination is not what is wanted: sweep it
+                    phase1.extend((key, "remove", Op.DELETE, m, m) for m in have)
                 continue
-            assert want is not None
-            same = [m for m in have if m.metric == want.metric]
-            rest = [_Write(key, "supersede", Op.DELETE, _strip(m), m) for m in have if m.metric != want.metric]
-            # Same-metric duplicates (``ip route append``): delete the extras precisely, by nexthop.
-            rest += [_Write(key, "supersede", Op.DELETE, m, m) for m in same[1:]]
-            need_write = not same or key in self._force or not _matches(want, same[0])
-            if need_write:
-                if same:
-                    phase1.append(_Write(key, "change", Op.REPLACE, want, same[0]))
-                else:
-                    phase1.append(_Write(key, "add", Op.CREATE, want))
+            if not have:
+                phase1.append((key, "add", Op.CREATE, want, None))
+                continue
+            metric = want.metric
+            same = [m for m in have if m.metric == metric]
+            if len(have) == 1 and same and key not in force:  # the common case
+                if not _matches(want, have[0]):
+                    phase1.append((key, "change", Op.REPLACE, want, have[0]))
+                continue
+            if not same:
+                phase1.append((key, "add", Op.CREATE, want, None))
+            elif key in force or not _matches(want, same[0]):
+                phase1.append((key, "change", Op.REPLACE, want, same[0]))
+            # Only once the wanted route is in (make before break): the other metrics go, and
+            # same-metric duplicates (``ip route append``) are deleted precisely, by nexthop.
+            rest: list[_Write] = [(key, "supersede", Op.DELETE, m, m) for m in have if m.metric != metric]
+            rest += [(key, "supersede", Op.DELETE_EXACT, m, m) for m in same[1:]]
             if rest:
-                later[key] = rest  # only once the wanted route is in (make before break)
-            elif not need_write:
-                done.add(key)
+                later[key] = rest
 
-        ok_keys: set[Key] = set()
-        bad_keys: set[Key] = set()
+        bad: set[Key] = set()
+        writes = len(phase1)
+        retry_readback = self._run(kernel, phase1, counts, failed, pending, bad, readback)
+        phase2 = [w for key, ws in later.items() if key not in bad for w in ws]
+        writes += len(phase2)
+        retry_readback |= self._run(kernel, phase2, counts, failed, pending, bad, readback)
 
-        def run(batch: list[_Write]) -> None:
-            nonlocal writes, retry_readback
-            if not batch:
-                return
-            acks = kernel.route_batch([RouteRequest(w.op, w.msg) for w in batch])
-            writes += len(batch)
-            for w, ack in zip(batch, acks, strict=True):
-                if self._record(w, ack, counts, failed, pending, readback):
-                    ok_keys.add(w.key)
-                else:
-                    bad_keys.add(w.key)
-                    if ack.code is AckCode.LOST or (
-                        ack.code is AckCode.EXISTS and not readback and w.key not in self._conflicts
-                    ):
-                        retry_readback = True
-
-        run(phase1)
-        phase2 = [w for key, ws in later.items() if key not in bad_keys for w in ws]
-        run(phase2)
-
-        for key in ok_keys | done:
-            if key not in bad_keys and key not in pending:
-                dirty.discard(key)
-                self._force.discard(key)
-                self._failed.pop(key, None)
-                self._pending.pop(key, None)
-        for key, why in pending.items():
-            self._pending[key] = why
-            self._failed.pop(key, None)
-        for key, why in failed.items():
-            self._failed[key] = why
-            self._pending.pop(key, None)
-        for key in list(self._pending):
-            if key not in self._desired:
-                del self._pending[key]
+        # Every dirty key is clean now unless a write failed or it waits for its interface.
+        still = {k for k in bad | pending.keys() if k in dirty}
+        dirty.clear()
+        dirty.update(still)
+        force.intersection_update(still)
+        self._failed = {k: why for k, why in self._failed.items() if k in still and k not in pending}
+        self._failed.update(failed)
+        self._pending = {k: why for k, why in self._pending.items() if k in still and k not in failed}
+        self._pending.update(pending)
         if retry_readback:
             self._need_readback = True
 
@@ -512,6 +503,41 @@ class RouteTable:
             log.warning("route writes failed proto=%d count=%d e.g. %s", self.proto, len(failed), sample)
         return result
 
+    def _run(
+        self,
+        kernel: Kernel,
+        batch: list[_Write],
+        counts: dict[str, int],
+        failed: dict[Key, str],
+        pending: dict[Key, str],
+        bad: set[Key],
+        readback: bool,
+    ) -> bool:
+        """Send ``batch``, fold the acknowledgements into the belief; True if a readback is needed."""
+        if not batch:
+            return False
+        acks = kernel.route_batch([(w[2], w[3]) for w in batch])
+        actual = self._actual
+        ok = AckCode.OK
+        create = Op.CREATE
+        added = 0
+        retry_readback = False
+        for w, ack in zip(batch, acks, strict=True):
+            key = w[0]
+            if ack.code is ok and w[2] is create and key not in actual:  # fast path: a new route
+                actual[key] = (w[3],)
+                added += 1
+                continue
+            if self._record(w, ack, counts, failed, pending, readback):
+                continue
+            bad.add(key)
+            if ack.code is AckCode.LOST or (ack.code is AckCode.EXISTS and not readback and key not in self._conflicts):
+                retry_readback = True
+        counts["add"] += added
+        if added and self._conflicts:
+            self._conflicts.difference_update(w[0] for w in batch)
+        return retry_readback
+
     def _record(
         self,
         w: _Write,
@@ -522,26 +548,27 @@ class RouteTable:
         readback: bool,
     ) -> bool:
         """Fold one acknowledgement into the belief; True if the write took effect."""
-        key = w.key
+        key, kind, op, msg, old = w
         code = ack.code
-        if w.op is Op.DELETE and code in (AckCode.OK, AckCode.NOT_FOUND):
-            entries = list(self._actual.get(key, ()))
-            if w.old in entries:
-                entries.remove(w.old)
-            if entries:
-                self._actual[key] = tuple(entries)
-            else:
-                self._actual.pop(key, None)
-            counts[w.kind] += 1
-            return True
-        if code is AckCode.OK:
-            entries = list(self._actual.get(key, ()))
-            if w.old is not None and w.old in entries:
-                entries.remove(w.old)
-            entries.append(w.msg)
-            self._actual[key] = tuple(entries)
+        actual = self._actual
+        deleting = op is Op.DELETE or op is Op.DELETE_EXACT
+        if code is AckCode.OK or (code is AckCode.NOT_FOUND and deleting):
+            counts[kind] += 1
+            cur = actual.get(key)
+            if deleting:
+                if cur is None:
+                    return True
+                if len(cur) == 1 and (cur[0] is old or cur[0] == old):
+                    del actual[key]
+                    return True
+                rest = [m for m in cur if m != old]
+                if rest:
+                    actual[key] = tuple(rest)
+                else:
+                    del actual[key]
+                return True
+            actual[key] = (*(m for m in cur or () if m != old), msg)
             self._conflicts.discard(key)
-            counts[w.kind] += 1
             return True
         route = self._desired.get(key)
         names = ", ".join(sorted(route.ifnames)) if route is not None else "?"
@@ -557,27 +584,23 @@ class RouteTable:
         elif code is AckCode.LOST:
             failed[key] = "state unknown: acknowledgement lost, reading the kernel back"
         else:
-            failed[key] = f"{w.kind} failed: {ack.describe()}"
+            failed[key] = f"{kind} failed: {ack.describe()}"
         return False
 
-    def _to_msg(self, route: Route, links: Mapping[str, int]) -> tuple[RouteMsg | None, str | None]:
-        """The netlink form of ``route``, or (None, name) when interface ``name`` is unknown."""
-        family = _FAMILY[route.dst.version]
-        metric = route.metric if route.metric is not None else self.metric_default
-        rtype = route.type.value
-        if route.scope is not None:
-            scope = int(route.scope)
-        elif rtype == rtnl.RTN_UNICAST and route.gateway is None and not route.nexthops:
-            scope = rtnl.RT_SCOPE_LINK
-        else:
-            scope = rtnl.RT_SCOPE_UNIVERSE
-        if family == socket.AF_INET6:
-            scope = rtnl.RT_SCOPE_UNIVERSE  # IPv6 has no route scopes
-        nexthops = route.nexthops
-        oif_name, gateway, onlink = route.oif, route.gateway, route.onlink
-        if len(nexthops) == 1:  # the kernel stores a single nexthop as a plain route
-            oif_name, gateway, onlink = nexthops[0].oif, nexthops[0].gateway, nexthops[0].onlink
-            nexthops = ()
+    def _to_msg(
+        self, route: Route, links: Mapping[str, int], packed: dict[IPAddress, bytes]
+    ) -> tuple[RouteMsg | None, str | None]:
+        """The netlink form of ``route``, or (None, name) when interface ``name`` is unknown.
+
+        ``packed`` caches packed gateway addresses for one apply (many routes share a gateway).
+        """
+        tpl = route._nl
+        if tpl is None:
+            tpl = _template(route, packed)
+        family, dst, plen, rtype, scope, gateway, flags, oif_name, hops = tpl
+        metric = route.metric
+        if metric is None:
+            metric = self.metric_default
         oif = 0
         if oif_name is not None:
             idx = links.get(oif_name)
@@ -585,52 +608,33 @@ class RouteTable:
                 return None, oif_name
             oif = idx
         multipath: tuple[rtnl.NextHop, ...] = ()
-        if nexthops:
-            hops = []
-            for nh in nexthops:
+        if hops:
+            resolved = []
+            for nh_name, nh_gw, nh_flags in hops:
                 nh_oif = 0
-                if nh.oif is not None:
-                    idx = links.get(nh.oif)
+                if nh_name is not None:
+                    idx = links.get(nh_name)
                     if idx is None:
-                        return None, nh.oif
+                        return None, nh_name
                     nh_oif = idx
-                hops.append(
-                    rtnl.NextHop(
-                        nh_oif,
-                        nh.gateway.packed if nh.gateway is not None else None,
-                        rtnl.RTNH_F_ONLINK if nh.onlink else 0,
-                    )
-                )
-            multipath = tuple(hops)
-        msg = RouteMsg(
-            family,
-            route.dst.network_address.packed,
-            route.dst.prefixlen,
-            self.table,
-            self.proto,
-            scope,
-            rtype,
-            metric,
-            oif,
-            gateway.packed if gateway is not None else None,
-            rtnl.RTNH_F_ONLINK if onlink else 0,
-            multipath,
+                resolved.append(_NH_MAKE((nh_oif, nh_gw, nh_flags, 0)))
+            multipath = tuple(resolved)
+        msg = _MSG_MAKE(
+            (family, dst, plen, self.table, self.proto, scope, rtype, metric, oif, gateway, flags, multipath)
         )
         return msg, None
 
     def _readback(self, kernel: Kernel) -> None:
-        actual: dict[Key, list[RouteMsg]] = {}
+        actual: dict[Key, tuple[RouteMsg, ...]] = {}
+        proto, table = self.proto, self.table
         for family in (socket.AF_INET, socket.AF_INET6):
-            for m in kernel.dump_routes(family, table=self.table, proto=self.proto):
-                if m.proto != self.proto or m.table != self.table:
+            for m in kernel.dump_routes(family, table=table, proto=proto):
+                if m.proto != proto or m.table != table:
                     continue  # the kernel filters too; never trust one side alone
                 key = (m.dst, m.dst_len)
                 entry = actual.get(key)
-                if entry is None:
-                    actual[key] = [m]
-                else:
-                    entry.append(m)
-        self._actual = {k: tuple(v) for k, v in actual.items()}
+                actual[key] = (m,) if entry is None else (*entry, m)
+        self._actual = actual
         self._dirty.update(self._desired.keys())
         self._dirty.update(self._actual.keys())
         self._need_readback = False
@@ -651,9 +655,57 @@ class RouteTable:
         self._need_links = False
 
 
-def _strip(m: RouteMsg) -> RouteMsg:
-    """The delete form of a route: destination, table, protocol and metric select it."""
-    return RouteMsg(m.family, m.dst, m.dst_len, m.table, m.proto, 0, 0, m.metric)
+# (family, dst, prefix length, type, scope, gateway, flags, interface name, nexthops as
+# (interface name, gateway, flags)): everything of the netlink form but what the table decides
+# (table, protocol, default metric) and what is only known at apply time (interface indexes).
+_Template = tuple[
+    int, bytes, int, int, int, bytes | None, int, str | None, tuple[tuple[str | None, bytes | None, int], ...]
+]
+_MSG_MAKE = RouteMsg._make
+_NH_MAKE = rtnl.NextHop._make
+
+
+def _template(route: Route, packed: dict[IPAddress, bytes]) -> _Template:
+    dst, plen = route._key
+    family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+    rtype = route.type.value
+    nexthops = route.nexthops
+    oif_name, gateway, onlink = route.oif, route.gateway, route.onlink
+    if len(nexthops) == 1:  # the kernel stores a single nexthop as a plain route
+        oif_name, gateway, onlink = nexthops[0].oif, nexthops[0].gateway, nexthops[0].onlink
+        nexthops = ()
+    if family == socket.AF_INET6:
+        scope = rtnl.RT_SCOPE_UNIVERSE  # IPv6 has no route scopes
+    elif route.scope is not None:
+        scope = int(route.scope)
+    elif rtype == rtnl.RTN_UNICAST and gateway is None and not nexthops:
+        scope = rtnl.RT_SCOPE_LINK
+    else:
+        scope = rtnl.RT_SCOPE_UNIVERSE
+    hops = tuple(
+        (nh.oif, _pack(nh.gateway, packed) if nh.gateway is not None else None, rtnl.RTNH_F_ONLINK if nh.onlink else 0)
+        for nh in nexthops
+    )
+    tpl: _Template = (
+        family,
+        dst,
+        plen,
+        rtype,
+        scope,
+        _pack(gateway, packed) if gateway is not None else None,
+        rtnl.RTNH_F_ONLINK if onlink else 0,
+        oif_name,
+        hops,
+    )
+    object.__setattr__(route, "_nl", tpl)
+    return tpl
+
+
+def _pack(addr: IPAddress, cache: dict[IPAddress, bytes]) -> bytes:
+    raw = cache.get(addr)
+    if raw is None:
+        raw = cache[addr] = addr.packed
+    return raw
 
 
 def _network(key: Key) -> IPNetwork:

@@ -283,7 +283,8 @@ class Op(enum.Enum):
 
     REPLACE = "replace"  # RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE
     CREATE = "create"  # RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL: EEXIST if the key is taken
-    DELETE = "delete"  # RTM_DELROUTE matching dst, table, metric, protocol (and nexthops if given)
+    DELETE = "delete"  # RTM_DELROUTE matching dst, table, metric and protocol
+    DELETE_EXACT = "delete-exact"  # the same, and only the route with exactly these nexthops
 
 
 class RouteRequest(NamedTuple):
@@ -305,6 +306,7 @@ _OP_HEADER = {
     Op.REPLACE: (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE),
     Op.CREATE: (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
     Op.DELETE: (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK),
+    Op.DELETE_EXACT: (RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK),
 }
 
 
@@ -319,7 +321,8 @@ def pack_route(seq: int, op: Op, r: RouteMsg) -> bytes:
     mtype, nlflags = _OP_HEADER[op]
     table = r.table
     rtm_table = table if table < 256 else RT_TABLE_COMPAT
-    if op is Op.DELETE:
+    deleting = op is Op.DELETE or op is Op.DELETE_EXACT
+    if deleting:
         # Match any scope and type; the protocol, metric and table select exactly our route.
         scope = RT_SCOPE_NOWHERE if r.family == socket.AF_INET else RT_SCOPE_UNIVERSE
         rtype = RTN_UNSPEC
@@ -331,8 +334,9 @@ def pack_route(seq: int, op: Op, r: RouteMsg) -> bytes:
         parts.append(_rta(RTA_DST, r.dst))
     if r.metric is not None:
         parts.append(_RTA_U32.pack(8, RTA_PRIORITY, r.metric))
-    # A delete that names nexthops removes only the route with exactly those nexthops.
-    if r.multipath:
+    if op is Op.DELETE:
+        pass  # no nexthops: any route of ours with this destination and metric
+    elif r.multipath:
         hops = []
         for nh in r.multipath:
             gw = _rta(RTA_GATEWAY, nh.gateway) if nh.gateway else b""
@@ -482,7 +486,7 @@ def _parse_error(buf: bytes | bytearray, pos: int, mlen: int, mflags: int) -> Ac
     return _ack_for(err, message)
 
 
-def _chunks(seq: Sequence[RouteRequest], size: int) -> Iterator[Sequence[RouteRequest]]:
+def _chunks(seq: Sequence[tuple[Op, RouteMsg]], size: int) -> Iterator[Sequence[tuple[Op, RouteMsg]]]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
 
@@ -595,16 +599,16 @@ class RtnlSocket:
 
     # -- routes --
 
-    def route_batch(self, requests: Sequence[RouteRequest]) -> list[Ack]:
-        """Apply every request; return one :class:`Ack` per request, in the same order."""
+    def route_batch(self, requests: Sequence[tuple[Op, RouteMsg]]) -> list[Ack]:
+        """Apply every ``(op, route)`` request; return one :class:`Ack` per request, in order."""
         acks: list[Ack] = []
         for chunk in _chunks(requests, self.batch_size):
             acks.extend(self._route_chunk(chunk))
         return acks
 
-    def _route_chunk(self, chunk: Sequence[RouteRequest]) -> list[Ack]:
+    def _route_chunk(self, chunk: Sequence[tuple[Op, RouteMsg]]) -> list[Ack]:
         first = self._next_seq(len(chunk))
-        msgs = [pack_route(first + i, req.op, req.route) for i, req in enumerate(chunk)]
+        msgs = [pack_route(first + i, op, route) for i, (op, route) in enumerate(chunk)]
         data = b"".join(msgs)
         if len(data) > self.sndbuf - 64 and len(chunk) > 1:
             half = len(chunk) // 2

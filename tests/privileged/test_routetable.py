@@ -364,3 +364,104 @@ def test_10k_routes_add_readback_and_no_op(host: Host, tables: tuple[RouteTable,
     fourth = bgpd.apply()
     assert fourth.removed == 5_000 and fourth.writes == 5_000
     assert count_routes(host.ns, PROTO_BGPD) == 5_000
+
+
+# -- the helpers RouteTable stands on: namespace switching and the command runner --------------------
+
+
+def _my_netns() -> str:
+    import os
+
+    return os.readlink("/proc/thread-self/ns/net")
+
+
+def test_enter_moves_only_this_thread_and_always_comes_back(netns: Callable[[], Netns]) -> None:
+    import socket
+    import threading
+
+    from calyx.kernel import netns as knetns
+
+    ns = netns()
+    ns.ip("link", "add", "cxtprobe0", "type", "veth", "peer", "name", "cxtprobe1")
+    home = _my_netns()
+    with knetns.enter(ns.name):
+        inside = _my_netns()
+        names = {name for _, name in socket.if_nameindex()}
+    assert inside != home and _my_netns() == home
+    assert {"lo", "cxtprobe0", "cxtprobe1"} <= names
+    assert "cxtprobe0" not in {name for _, name in socket.if_nameindex()}
+
+    with pytest.raises(RuntimeError), knetns.enter(ns.path):
+        raise RuntimeError("boom")
+    assert _my_netns() == home
+
+    seen: list[str] = []
+
+    def worker() -> None:
+        with knetns.enter(ns.name):
+            seen.append(_my_netns())
+            seen.append(main_view[0])
+
+    main_view = [_my_netns()]
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [inside, home] and _my_netns() == home
+
+    assert knetns.run_in_netns(ns.name, _my_netns) == inside
+    sock = knetns.socket_in(ns.name, socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind(("127.0.0.1", 0))  # lo of the namespace (it is up)
+    with pytest.raises(knetns.NamespaceNotFoundError):
+        knetns.enter("cxt-does-not-exist").__enter__()
+    assert _my_netns() == home
+
+
+def test_command_runner_and_ip_batch(netns: Callable[[], Netns]) -> None:
+    from calyx.kernel import cmd
+
+    ns = netns()
+    ns.ip("link", "add", "cxtv0", "type", "veth", "peer", "name", "cxtv1")
+    ns.ip("addr", "add", "10.98.0.1/24", "dev", "cxtv0")
+    ns.ip("link", "set", "cxtv0", "up")
+    ns.ip("link", "set", "cxtv1", "up")
+    cmd.ip_batch([f"route add 10.97.0.{i}/32 via 10.98.0.2 proto {PROTO_BGPD}" for i in range(1, 4)], ns.name)
+    assert count_routes(ns, PROTO_BGPD) == 3
+    assert "10.97.0.2" in cmd.run(["ip", "route", "show", "proto", str(PROTO_BGPD)], netns=ns.name).stdout
+
+    with pytest.raises(cmd.CommandError) as err:
+        cmd.ip_batch(["route add 10.97.1.0/24 via 10.250.0.1"], ns.name)
+    assert err.value.returncode == 1 and "Nexthop has invalid gateway" in err.value.stderr
+    assert err.value.cmd[:3] == ("ip", "-n", ns.name)
+    assert "Nexthop has invalid gateway" in str(err.value)
+
+    result = cmd.run(["cat"], input="hello\n")
+    assert result.stdout == "hello\n" and result.returncode == 0
+    assert cmd.run(["false"], check=False).returncode == 1
+    with pytest.raises(cmd.CommandTimeoutError) as timeout:
+        cmd.run(["sleep", "5"], timeout=0.2)
+    assert timeout.value.returncode is None
+    with pytest.raises(cmd.CommandError, match="cannot run"):
+        cmd.run(["/nonexistent/cxt-binary"])
+
+
+def test_lost_acknowledgements_are_reported_and_repaired_by_readback(host: Host) -> None:
+    from calyx.kernel import rtnl
+
+    # A receive buffer far too small for 1,000 acknowledgements: the kernel drops most of them.
+    sock = rtnl.RtnlSocket(host.ns.name, rcvbuf=4096, batch_size=1000)
+    table = RouteTable(PROTO_BGPD, netns=host.ns.name, kernel=sock)
+    try:
+        base = int(ip_address("10.129.0.0"))
+        table.set_routes([Route(IPv4Network((base + i, 32)), gateway=ip_address("10.99.0.2")) for i in range(2000)])
+        first = table.apply()
+        assert sock.overruns > 0
+        assert first.failed > 0 and first.added + first.failed == 2000
+        assert any("acknowledgement lost" in why for why in first.errors.values())
+        # The routes did go in; the table does not know which, so it reads the kernel back.
+        assert count_routes(host.ns, PROTO_BGPD) == 2000
+        second = table.apply()
+        assert second.readback and second.writes == 0 and second.failed == 0
+        assert table.in_sync
+    finally:
+        table.close()

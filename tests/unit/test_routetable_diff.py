@@ -81,8 +81,8 @@ class FakeKernel:
         self.link_dumps += 1
         return dict(self.link_map)
 
-    def route_batch(self, requests: Sequence[RouteRequest]) -> list[Ack]:
-        return [self._one(req) for req in requests]
+    def route_batch(self, requests: Sequence[tuple[Op, RouteMsg]]) -> list[Ack]:
+        return [self._one(RouteRequest(op, m)) for op, m in requests]
 
     def close(self) -> None:
         pass
