@@ -465,3 +465,52 @@ def test_lost_acknowledgements_are_reported_and_repaired_by_readback(host: Host)
         assert table.in_sync
     finally:
         table.close()
+
+
+def test_rtnl_batch_reports_each_error_and_dumps_filter(host: Host) -> None:
+    import socket
+
+    from calyx.kernel import rtnl
+    from calyx.kernel.rtnl import AckCode, Op, RouteMsg
+
+    def v4(text: str) -> bytes:
+        return ip_address(text).packed
+
+    gw = v4("10.99.0.2")
+    good = RouteMsg(socket.AF_INET, v4("10.70.0.1"), 32, 254, PROTO_BGPD, 0, rtnl.RTN_UNICAST, 1100, 0, gw)
+    with rtnl.RtnlSocket(host.ns.name) as sock:
+        acks = sock.route_batch(
+            [
+                (Op.CREATE, good),
+                (Op.CREATE, good),  # the same key again: EEXIST
+                (Op.CREATE, good._replace(dst=v4("10.70.0.2"), gateway=v4("10.250.0.1"))),  # not on-link
+                (Op.CREATE, good._replace(dst=v4("10.70.0.3"), gateway=None, oif=999999)),  # no such index
+                (Op.DELETE, good._replace(dst=v4("10.70.0.4"))),  # nothing to delete
+                (Op.REPLACE, good._replace(dst=v4("10.70.0.5"), table=1000)),  # a table above 255
+                (Op.CREATE, good._replace(dst=v4("10.70.0.6"), proto=PROTO_FELIX)),
+            ]
+        )
+        assert [a.code for a in acks] == [
+            AckCode.OK,
+            AckCode.EXISTS,
+            AckCode.UNREACHABLE,
+            AckCode.NO_DEVICE,
+            AckCode.NOT_FOUND,
+            AckCode.OK,
+            AckCode.OK,
+        ]
+        assert "gateway" in acks[2].message.lower()  # the kernel's extended ack text is kept
+        mine = sock.dump_routes(socket.AF_INET, proto=PROTO_BGPD)
+        assert [(m.dst, m.gateway, m.metric, m.oif) for m in mine] == [
+            (v4("10.70.0.1"), gw, 1100, ifindex(host.ns, host.up1))
+        ]
+        assert [m.dst for m in sock.dump_routes(socket.AF_INET, table=1000, proto=PROTO_BGPD)] == [v4("10.70.0.5")]
+        assert sock.dump_routes(socket.AF_INET, table=1001) == []  # a table that does not exist
+        assert sock.dump_routes(socket.AF_INET6, table=1001) == []
+        everything = sock.dump_routes(socket.AF_INET, table=None)
+        assert {m.proto for m in everything} >= {PROTO_BGPD, PROTO_FELIX, 2}  # 2: kernel (connected)
+        links = sock.links()
+        assert links[host.up1].ifindex == ifindex(host.ns, host.up1) and links[host.up1].up
+        assert sock.link(host.up1) == links[host.up1]
+        assert sock.link("cxt-nope") is None
+    assert kernel_routes(host.ns, PROTO_BGPD, table="1000") != {}
