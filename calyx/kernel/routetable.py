@@ -400,13 +400,18 @@ class RouteTable:
         hundred thousand small tuples that survive, which makes the collector walk the whole heap
         several times over and triples the run time. Nothing here creates reference cycles.
         """
-        if not gc.isenabled():
-            return self._apply()
-        gc.disable()
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
         try:
             return self._apply()
+        except BaseException:
+            # Writes may have been made whose acknowledgements we never read: trust nothing.
+            self._need_readback = True
+            raise
         finally:
-            gc.enable()
+            if paused:
+                gc.enable()
 
     def _apply(self) -> ApplyResult:
         start = time.monotonic()

@@ -469,3 +469,36 @@ def test_pack_and_parse_round_trip() -> None:
     assert not done and not interrupted and err == 0
     assert out == [msg._replace(metric=33)]
     assert rtnl.parse_routes(reply, [], proto=PROTO_FELIX) == (False, False, 0)
+
+
+def test_apply_restores_the_garbage_collector(kernel: FakeKernel) -> None:
+    import gc
+
+    table = RouteTable(PROTO_BGPD, kernel=kernel)
+    table.set_route(gw_route("10.80.0.0/26", "10.99.0.2"))
+    assert gc.isenabled()
+    table.apply()
+    assert gc.isenabled()
+
+    def broken(requests: Sequence[tuple[Op, RouteMsg]]) -> list[Ack]:
+        raise rtnl.NetlinkError(errno.EIO, "socket gone")
+
+    kernel.route_batch = broken  # type: ignore[method-assign]
+    table.set_route(gw_route("10.81.0.0/26", "10.99.0.2"))
+    with pytest.raises(rtnl.NetlinkError):
+        table.apply()
+    assert gc.isenabled()
+    assert not table.in_sync  # and the next apply reads the kernel back
+    gc.disable()
+    try:
+        table.remove_route(ip_network("10.81.0.0/26"))
+        table.apply()
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+
+
+def test_set_routes_mapping_must_be_keyed_by_destination(kernel: FakeKernel) -> None:
+    table = RouteTable(PROTO_FELIX, kernel=kernel)
+    with pytest.raises(ValueError):
+        table.set_routes({ip_network("10.65.0.2/32"): dev_route("10.65.0.1/32", "cali1")})
