@@ -576,7 +576,8 @@ class Lab:
         return {
             "cniVersion": "1.0.0", "name": f"calyx-lab-{self.state.instance}", "type": "calyx",
             "etcd_endpoints": env["CALYX_ETCD_ENDPOINTS"], "node_name": env["CALYX_NODE_NAME"],
-            "ipam": {"type": "calyx-ipam"}, "labels": dict(wl.labels), "profiles": list(wl.profiles),
+            "orchestrator": "lab", "ipam": {"type": "calyx-ipam"}, "labels": dict(wl.labels),
+            "profiles": list(wl.profiles),
         }
 
     def add_workload(self, wl: Workload) -> WorkloadState:
@@ -653,6 +654,45 @@ class Lab:
             results = list(pool.map(lambda ab: self.ping(ab[0].name, str(ab[1].ip), timeout=timeout), pairs))
         return {(a.name, b.name): ok for (a, b), ok in zip(pairs, results, strict=True)}
 
+    def kernel_routes(self, node: str) -> set[str]:
+        """Destinations in the main table of a node (or workload) namespace."""
+        out = self.run(node, ["ip", "-j", "route", "show"], check=True).stdout
+        return {r["dst"] for r in json.loads(out or "[]")}
+
+    def router_prefixes(self, node: str) -> set[str]:
+        """Prefixes in a router's BGP table (FRR: ``show ip bgp json``; BIRD: ``show route``)."""
+        n = self.topo.nodes[node]
+        if n.role == "frr":
+            out = self.run(node, ["vtysh", "-N", self.frr_pathspace(node), "-c", "show ip bgp json"]).stdout
+            try:
+                return set(json.loads(out).get("routes", {}))
+            except ValueError:
+                return set()
+        if n.role == "bird":
+            out = self.run(node, ["birdc", "-s", str(self.bird_socket(node)), "show", "route"]).stdout
+            return {line.split()[0] for line in out.splitlines() if line[:1].isdigit() and "/" in line.split()[0]}
+        raise LabError(f"not a router (calyx.role {n.role})", node=node)
+
+    def blocks_of(self, node: str) -> list[str]:
+        """The IPAM blocks affine to ``node``."""
+        kvs, _ = self.datastore().get_prefix(keys.IPAM_BLOCKS_PREFIX)
+        out = []
+        for kv in kvs:
+            try:
+                obj = model.decode(kv.key, kv.value)
+            except model.ModelError:
+                continue
+            if isinstance(obj, model.IPAMBlock) and obj.node == node:
+                out.append(str(obj.cidr))
+        return sorted(out)
+
+    def start_ping(self, src: str, dst_ip: str, *, seconds: float, interval: float = 0.05,
+                   ) -> subprocess.Popen[str]:
+        """A continuous ping from ``src`` for ``seconds``; read it with :func:`ping_counts`."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(src), "ping", "-n", "-q", "-i", f"{interval:g}",
+                                 "-w", f"{seconds:g}", "-W", "1", dst_ip],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
     def remove_host(self, node: str) -> None:
         """Take a host away as a power loss would: kill its daemons, delete its namespace and workloads."""
         for d in DAEMONS:
@@ -702,6 +742,15 @@ class Lab:
             else:
                 shutil.rmtree(self.dir, ignore_errors=True)
         return removed
+
+
+def ping_counts(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, int]:
+    """(transmitted, received) of a finished :meth:`Lab.start_ping`."""
+    out, _ = p.communicate(timeout=timeout)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out or "")
+    if not m:
+        raise LabError(f"unexpected ping output: {out!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def down_instance(instance: str, *, root: Path | None = None, clab_file: Path | None = None,

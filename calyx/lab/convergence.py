@@ -1,0 +1,213 @@
+"""Convergence of a new workload in a lab: from its endpoint written to etcd until it answers a ping
+from another rack, with the stages in between.
+
+What it measures, each as a wall-clock time (``time.time()``):
+
+- ``written``: the workload endpoint's key appears in etcd (a watch on the host's workload prefix;
+  about 1 ms after the write);
+- ``programmed``: felix's /32 route to the workload appears in its host's kernel;
+- ``tor_learned``: the workload's block (or /32) route appears in the kernel of the host's own
+  ToR/router — bgpd announced it and the router installed it (only when the block is new: an
+  endpoint in a block that was already announced needs no BGP at all, which is the point of
+  blocks);
+- ``remote_installed``: the same route appears in the kernel of the pinging host;
+- ``reachable``: the first echo reply seen by ``ping -D`` from a workload on another host.
+
+Kernel events come from ``ip -ts monitor route`` run inside each namespace (timestamps taken by
+``ip`` as it reads the netlink message), so polling does not blur them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from calyx.datastore import keys
+from calyx.datastore.client import Watch
+from calyx.lab.runner import Lab, WorkloadState
+from calyx.lab.topology import Workload
+
+_TS = re.compile(r"^\[(\d{4}-\d\d-\d\dT[\d:.]+)\]\s+(Deleted\s+)?(\S+)")
+_PING = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from")
+
+
+class RouteMonitor:
+    """``ip -ts monitor route`` inside one namespace; remembers when each destination appeared."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.added: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(["ip", "-n", netns, "-ts", "monitor", "route"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self._thread = threading.Thread(target=self._read, name=f"monitor-{netns}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            m = _TS.match(line)
+            if not m or m.group(2):
+                continue
+            dst = m.group(3)
+            if dst in ("local", "broadcast", "unreachable", "blackhole", "prohibit", "throw"):
+                continue
+            t = datetime.fromisoformat(m.group(1)).timestamp()
+            if "/" not in dst:
+                dst += "/32"
+            with self._lock:
+                self.added.setdefault(dst, []).append(t)
+
+    def first_after(self, dst: str, since: float) -> float | None:
+        with self._lock:
+            times = [t for t in self.added.get(dst, []) if t >= since - 0.001]
+        return min(times) if times else None
+
+    def close(self) -> None:
+        self._proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+
+
+class KeyWatcher:
+    """When did keys under a prefix get written (etcd watch from the current revision)."""
+
+    def __init__(self, lab: Lab, prefix: str) -> None:
+        self.seen: dict[str, float] = {}
+        self._watch: Watch = lab.datastore().watch_prefix(prefix, lab.datastore().revision() + 1)
+        self._thread = threading.Thread(target=self._read, name="key-watcher", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            for events in self._watch:
+                now = time.time()
+                for ev in events:
+                    if ev.type == "put":
+                        self.seen.setdefault(ev.kv.key, now)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._watch.cancel()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One workload's convergence; stage times in seconds after ``written`` (None: not observed)."""
+
+    workload: str
+    ip: str
+    new_block: bool
+    written: float
+    programmed: float | None
+    tor_learned: float | None
+    remote_installed: float | None
+    reachable: float | None
+
+    @property
+    def total(self) -> float | None:
+        return self.reachable
+
+
+def _rel(t: float | None, t0: float) -> float | None:
+    return None if t is None else max(0.0, t - t0)
+
+
+class ConvergenceProbe:
+    """Route monitors on the workload's host, its router and the pinging host, plus an etcd watch."""
+
+    def __init__(self, lab: Lab, host: str, router: str, pinger: str) -> None:
+        self.lab = lab
+        self.host = host
+        self.pinger = pinger
+        self.monitors = {n: RouteMonitor(lab.ns(n)) for n in (host, router, lab.state.workloads[pinger].host)}
+        self.router = router
+        self.remote_host = lab.state.workloads[pinger].host
+        self.watcher = KeyWatcher(lab, keys.workloads_prefix(host))
+        time.sleep(0.3)  # let the monitors subscribe
+
+    def close(self) -> None:
+        for m in self.monitors.values():
+            m.close()
+        self.watcher.close()
+
+    def measure(self, wl: Workload, timeout: float = 15.0) -> Sample:
+        """Create ``wl`` through the CNI plugin and time each stage until the pinger gets a reply."""
+        blocks_before = set(self.lab.blocks_of(self.host))
+        started = time.time()
+        # the address is not known before ADD: ping starts right after it, and catches the first reply
+        ws: WorkloadState = self.lab.add_workload(wl)
+        assert ws.ip is not None
+        ping = subprocess.Popen(["ip", "netns", "exec", self.lab.ns(self.pinger), "ping", "-n", "-D", "-i", "0.01",
+                                 "-W", "1", "-w", f"{timeout:g}", ws.ip], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        reachable = None
+        try:
+            assert ping.stdout is not None
+            for line in ping.stdout:
+                m = _PING.match(line)
+                if m:
+                    reachable = float(m.group(1))
+                    break
+        finally:
+            ping.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ping.wait(5)
+        # the plugin names the workload <K8S_POD_NAMESPACE>.<K8S_POD_NAME>, which the runner sets to
+        # <instance>.<workload> (see calyx.cni.netconf and Lab._cni)
+        key = keys.workload_key(self.host, "lab", f"{self.lab.state.instance}.{wl.name}", "eth0")
+        deadline = time.monotonic() + 2
+        while key not in self.watcher.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        written = self.watcher.seen.get(key, started)
+        blocks_after = set(self.lab.blocks_of(self.host))
+        addr = ipaddress.ip_address(ws.ip)
+        block = next((b for b in blocks_after if addr in ipaddress.ip_network(b)), f"{ws.ip}/32")
+        new_block = block not in blocks_before
+        time.sleep(0.05)  # let the monitors' readers catch up with the last events
+        return Sample(
+            workload=wl.name, ip=ws.ip, new_block=new_block, written=written,
+            programmed=_rel(self.monitors[self.host].first_after(f"{ws.ip}/32", started), written),
+            tor_learned=_rel(self.monitors[self.router].first_after(block, started), written) if new_block else None,
+            remote_installed=_rel(self.monitors[self.remote_host].first_after(block, started), written)
+            if new_block else None,
+            reachable=_rel(reachable, written),
+        )
+
+
+@contextlib.contextmanager
+def probe(lab: Lab, host: str, router: str, pinger: str) -> Iterator[ConvergenceProbe]:
+    p = ConvergenceProbe(lab, host, router, pinger)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+    """Median and p99 (seconds) of every stage over the samples that observed it."""
+    out: dict[str, dict[str, float]] = {}
+    for stage in ("programmed", "tor_learned", "remote_installed", "reachable"):
+        vals = [getattr(s, stage) for s in samples if getattr(s, stage) is not None]
+        if vals:
+            out[stage] = {"n": len(vals), "median": statistics.median(vals), "p99": percentile(vals, 99),
+                          "max": max(vals)}
+    return out
