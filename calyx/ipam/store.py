@@ -18,8 +18,7 @@ returns False when an expectation failed (the caller re-reads and retries).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from calyx.datastore.client import Datastore
@@ -44,8 +43,7 @@ class KVLike(Protocol):
     def mod_revision(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class StoreKV:
+class StoreKV(NamedTuple):
     """A key as the HTTP client returns it."""
 
     key: str
@@ -53,8 +51,7 @@ class StoreKV:
     mod_revision: int
 
 
-@dataclass(frozen=True, slots=True)
-class Put:
+class Put(NamedTuple):
     """Write ``key`` (conditional on ``expect_mod_revision`` unless None)."""
 
     key: str
@@ -62,8 +59,7 @@ class Put:
     expect_mod_revision: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(NamedTuple):
     """Delete ``key`` (conditional on ``expect_mod_revision`` unless None)."""
 
     key: str
