@@ -64,14 +64,16 @@ def lab() -> None:
 @click.argument("lab_name", metavar="LAB")
 @click.option("--name", "instance", help="Instance name (default: the clab file's name).")
 @click.option("--no-daemons", is_flag=True, help="Only the topology, etcd, cluster objects and routers.")
+@click.option("--daemons", "daemon_list", default="felix,bgpd", show_default=True,
+              help="Which Calyx daemons run on the hosts (e.g. felix: workloads and policy without BGP).")
 @click.option("--no-workloads", is_flag=True, help="Do not create the declared workloads.")
 @click.option("--keep-on-failure", is_flag=True, help="Leave what was built when a step fails (for debugging).")
 @click.option("--timeout", type=float, default=runner.READY_TIMEOUT, show_default=True,
               help="Seconds to wait for the hosts' daemons to be ready.")
 @click.pass_obj
 @handle_errors
-def up_cmd(obj: Context, lab_name: str, instance: str | None, no_daemons: bool, no_workloads: bool,
-           keep_on_failure: bool, timeout: float) -> None:
+def up_cmd(obj: Context, lab_name: str, instance: str | None, no_daemons: bool, daemon_list: str,
+           no_workloads: bool, keep_on_failure: bool, timeout: float) -> None:
     """Build LAB and start everything in it."""
     _need_root()
     try:
@@ -79,7 +81,8 @@ def up_cmd(obj: Context, lab_name: str, instance: str | None, no_daemons: bool, 
     except TopologyError as exc:
         raise UserError(str(exc)) from None
     try:
-        the_lab.up(daemons=not no_daemons, workloads=not no_workloads, ready_timeout=timeout)
+        daemons = [] if no_daemons else [d.strip() for d in daemon_list.split(",") if d.strip()]
+        the_lab.up(daemons=daemons, workloads=not no_workloads, ready_timeout=timeout)
     except (LabError, TopologyError, KeyboardInterrupt) as exc:
         if the_lab.owned and not keep_on_failure:
             click.echo("lab up failed; tearing down what was built (--keep-on-failure keeps it)", err=True)

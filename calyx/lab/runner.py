@@ -121,6 +121,7 @@ class LabState:
     prefix: str
     phase: str = "creating"
     etcd_port: int | None = None
+    daemons: list[str] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
     workloads: dict[str, WorkloadState] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -128,7 +129,7 @@ class LabState:
     def to_json(self) -> str:
         return json.dumps({
             "instance": self.instance, "clab_file": self.clab_file, "prefix": self.prefix, "phase": self.phase,
-            "etcd_port": self.etcd_port, "started": self.started,
+            "etcd_port": self.etcd_port, "started": self.started, "daemons": self.daemons,
             "procs": [p.to_dict() for p in self.procs],
             "workloads": {k: vars(v) for k, v in self.workloads.items()},
         }, indent=2)
@@ -138,7 +139,7 @@ class LabState:
         d = json.loads(text)
         return cls(
             instance=d["instance"], clab_file=d["clab_file"], prefix=d["prefix"], phase=d.get("phase", "?"),
-            etcd_port=d.get("etcd_port"), started=d.get("started", 0.0),
+            etcd_port=d.get("etcd_port"), started=d.get("started", 0.0), daemons=list(d.get("daemons", [])),
             procs=[Proc.from_dict(p) for p in d.get("procs", [])],
             workloads={k: WorkloadState(**v) for k, v in d.get("workloads", {}).items()},
         )
@@ -281,8 +282,18 @@ class Lab:
 
     # --- up ----------------------------------------------------------------------------------------
 
-    def up(self, *, daemons: bool = True, workloads: bool = True, ready_timeout: float = READY_TIMEOUT) -> None:
-        """Bring the whole lab up (see the module docstring for the order). Raises LabError."""
+    def up(self, *, daemons: bool | Sequence[str] = True, workloads: bool = True,
+           ready_timeout: float = READY_TIMEOUT) -> None:
+        """Bring the whole lab up (see the module docstring for the order). Raises LabError.
+
+        ``daemons``: True for felix and bgpd on every host, False for none, or a list of the ones to
+        run (``["felix"]``: workloads and policy on each host without BGP).
+        """
+        wanted = list(DAEMONS) if daemons is True else [] if daemons is False else list(daemons)
+        unknown = sorted(set(wanted) - set(DAEMONS))
+        if unknown:
+            raise LabError(f"unknown daemon {unknown[0]!r} (known: {', '.join(DAEMONS)})")
+        self.state.daemons = wanted
         if (self.dir / "state.json").exists():
             raise LabError(f"lab {self.state.instance} is already up (state in {self.dir}); "
                            f"`calyxctl lab down {self.state.instance}` first")
@@ -290,12 +301,12 @@ class Lab:
         if stale:
             raise LabError(f"namespaces of lab {self.state.instance} exist already ({', '.join(stale[:3])}...); "
                            f"`calyxctl lab down {self.state.instance}` first")
-        if daemons:
-            missing = missing_programs(["felix", "bgpd"])
+        if wanted:
+            missing = missing_programs(wanted)
             if missing:
                 raise LabError(f"cannot start the host daemons: not installed yet: {', '.join(missing)} "
                                "(use --no-daemons to bring up the topology, etcd and the routers only)")
-        workloads = workloads and daemons  # workloads need felix and bgpd
+        workloads = workloads and "felix" in wanted  # a workload without felix gets no route
         if workloads and self.topo.workloads:
             missing = missing_programs(["calyx", "calyx-ipam"])
             if missing:
@@ -317,7 +328,7 @@ class Lab:
                     fabric.run_exec(self.ns(node.name), argv)
                 except FabricError as exc:
                     raise LabError(f"exec failed: {exc}", node=node.name) from None
-        if daemons and "ipip" in self.topo.requires and not ipip_available(self.ns(self.topo.hosts[0].name)):
+        if wanted and "ipip" in self.topo.requires and not ipip_available(self.ns(self.topo.hosts[0].name)):
             raise LabError("this lab needs IP-in-IP and this kernel has no ipip module (no tunl0); "
                            "use --no-daemons for the topology alone, or run it where ipip exists")
         self._start_etcd()
@@ -328,17 +339,17 @@ class Lab:
         for node in self.topo.by_role("frr", "bird"):
             self.start_router(node.name)
             self.progress(f"{node.name}: {node.role} started")
-        if daemons:
+        if wanted:
             for node in self.topo.hosts:
-                for d in DAEMONS:
+                for d in wanted:
                     self.start_daemon(node.name, d)
-            self.progress(f"felix and bgpd started on {len(self.topo.hosts)} hosts; waiting for them to be ready")
+            self.progress(f"{' and '.join(wanted)} started on {len(self.topo.hosts)} hosts; waiting until ready")
             self.wait_ready(timeout=ready_timeout)
-        if daemons and workloads:
+        if workloads:
             for i, wl in enumerate(self.topo.workloads):
                 ws = self.add_workload(wl)
                 self.progress(f"workload {i + 1}/{len(self.topo.workloads)} {wl.name} on {wl.host}: {ws.ip}")
-        self.state.phase = "up" if daemons else "up (no daemons)"
+        self.state.phase = "up" if wanted == list(DAEMONS) else f"up ({', '.join(wanted) or 'no daemons'})"
         self.save()
         self.progress(f"lab {self.state.instance} up in {time.monotonic() - t0:.1f} s")
 
@@ -512,15 +523,18 @@ class Lab:
         return felix, peers
 
     def _not_ready(self, node: str) -> str | None:
-        for d in DAEMONS:
+        for d in self.state.daemons:
             p = self.proc(f"{node}/{d}")
             if p is None or not p.alive:
                 raise LabError(f"{d} exited", node=node, log=self.log_path(node, d).as_posix())
         felix, peers = self.node_status(node)
-        if felix is None:
-            return "felix has not reported status"
-        if not felix.in_sync:
-            return "felix not in sync"
+        if "felix" in self.state.daemons:
+            if felix is None:
+                return "felix has not reported status"
+            if not felix.in_sync:
+                return "felix not in sync"
+        if "bgpd" not in self.state.daemons:
+            return None
         if not peers:
             return "bgpd reports no BGP session"
         down = [p.peer_ip for p in peers if p.state.lower() not in ("established", "up")]
@@ -649,10 +663,19 @@ class Lab:
     def ping_matrix(self, names: Sequence[str] | None = None, *, timeout: float = 1.0) -> dict[tuple[str, str], bool]:
         """Ping every workload from every other one (in parallel); (src, dst) → answered."""
         wls = [self.state.workloads[n] for n in (names or sorted(self.state.workloads))]
-        pairs = [(a, b) for a in wls for b in wls if a.name != b.name and b.ip]
+        return self.ping_pairs([(a.name, b.name) for a in wls for b in wls if a.name != b.name and b.ip],
+                               timeout=timeout)
+
+    def ping_pairs(self, pairs: Sequence[tuple[str, str]], *, timeout: float = 1.0) -> dict[tuple[str, str], bool]:
+        """Ping workload ``b`` from workload ``a`` for every pair (in parallel)."""
+
+        def one(ab: tuple[str, str]) -> bool:
+            ip = self.state.workloads[ab[1]].ip
+            return ip is not None and self.ping(ab[0], ip, timeout=timeout)
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-            results = list(pool.map(lambda ab: self.ping(ab[0].name, str(ab[1].ip), timeout=timeout), pairs))
-        return {(a.name, b.name): ok for (a, b), ok in zip(pairs, results, strict=True)}
+            results = list(pool.map(one, pairs))
+        return dict(zip(pairs, results, strict=True))
 
     def kernel_routes(self, node: str) -> set[str]:
         """Destinations in the main table of a node (or workload) namespace."""

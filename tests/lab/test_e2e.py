@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,30 @@ def _ip(lab: Lab, wl: str) -> str:
     ip = lab.state.workloads[wl].ip
     assert ip is not None
     return ip
+
+
+# --- felix and the CNI plugins alone (no BGP: workloads of one host) ---------------------------------
+
+
+def test_felix_only_same_host_workloads_and_tenant_policy(make_lab: Callable[..., Lab]) -> None:
+    need("felix", "calyx", "calyx-ipam")
+    lab = make_lab("two-racks", daemons=["felix"])
+    assert lab.state.phase == "up (felix)"
+    pairs = [(f"a-{h}", f"b-{h}") for h in ("h1a", "h1b", "h2a", "h2b")]
+
+    def matrix() -> dict[tuple[str, str], bool]:
+        return lab.ping_pairs(pairs + [(b, a) for a, b in pairs], timeout=0.5)
+
+    wait_until(lambda: all(matrix().values()), 20, "the two workloads of each host reaching each other")
+    # the endpoints are in etcd with their labels and profiles, written by the CNI plugin
+    for ws in lab.state.workloads.values():
+        felix, _ = lab.node_status(ws.host)
+        assert felix is not None and felix.in_sync and felix.endpoints == 2
+    policy = lab.topo.policies["tenant-isolation"]
+    lab.apply_file(policy)
+    wait_until(lambda: not any(matrix().values()), 20, "tenant a cut off from tenant b on every host")
+    lab.delete_objects(policy)
+    wait_until(lambda: all(matrix().values()), 20, "tenants reaching each other again")
 
 
 # --- two racks ---------------------------------------------------------------------------------------
