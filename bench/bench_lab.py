@@ -26,7 +26,9 @@ from calyx.lab.convergence import Sample, probe, summary
 from calyx.lab.runner import Lab, LabError, missing_programs
 from calyx.lab.topology import Workload, resolve
 
-STAGES = (("programmed", "felix programmed (/32 in h2b's kernel)"),
+STAGES = (("route", "/32 route in h2b's kernel"),
+          ("programmed", "felix programmed (endpoint status up)"),
+          ("announced", "announced (first BGP UPDATE from h2b)"),
           ("tor_learned", "ToR learned (block in tor2's kernel)"),
           ("remote_installed", "remote kernel installed (block in h1a's kernel)"),
           ("reachable", "reachable (first reply to h1a's workload)"))

@@ -5,7 +5,12 @@ What it measures, each as a wall-clock time (``time.time()``):
 
 - ``written``: the workload endpoint's key appears in etcd (a watch on the host's workload prefix;
   about 1 ms after the write);
-- ``programmed``: felix's /32 route to the workload appears in its host's kernel;
+- ``route``: the /32 route to the workload appears in its host's kernel (the CNI plugin may add it
+  before it writes the endpoint: then this is 0);
+- ``programmed``: felix reports the endpoint programmed (its endpoint status key turns ``up``; the
+  status is written by a background thread, so this is an upper bound);
+- ``announced``: the first BGP UPDATE the host sends after the write (``tcpdump`` in the host's
+  namespace; only for an endpoint that opened a new block);
 - ``tor_learned``: the workload's block (or /32) route appears in the kernel of the host's own
   ToR/router — bgpd announced it and the router installed it (only when the block is new: an
   endpoint in a block that was already announced needs no BGP at all, which is the point of
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import re
+import shutil
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -77,11 +84,46 @@ class RouteMonitor:
             self._proc.wait(5)
 
 
-class KeyWatcher:
-    """When did keys under a prefix get written (etcd watch from the current revision)."""
+class UpdateMonitor:
+    """BGP UPDATE messages leaving a host (``tcpdump`` in its namespace): when was something announced."""
 
-    def __init__(self, lab: Lab, prefix: str) -> None:
+    # the first BGP message in the segment is an UPDATE (type byte at offset 18 of the BGP header)
+    FILTER = "src host {ip} and tcp port 179 and tcp[((tcp[12] >> 4) * 4) + 18] == 2"
+
+    def __init__(self, netns: str, ip: str) -> None:
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "tcpdump", "-i", "any", "-n", "-tt", "-l", "-q",
+             self.FILTER.format(ip=ip)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self._thread = threading.Thread(target=self._read, name=f"updates-{netns}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            head = line.split(" ", 1)[0]
+            with contextlib.suppress(ValueError), self._lock:
+                self.times.append(float(head))
+
+    def first_after(self, since: float) -> float | None:
+        with self._lock:
+            times = [t for t in self.times if t >= since - 0.001]
+        return min(times) if times else None
+
+    def close(self) -> None:
+        self._proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+
+
+class KeyWatcher:
+    """When did keys under a prefix first get written (with a value ``accept`` likes); an etcd watch
+    from the current revision."""
+
+    def __init__(self, lab: Lab, prefix: str, accept: Callable[[bytes], bool] = lambda _: True) -> None:
         self.seen: dict[str, float] = {}
+        self._accept = accept
         self._watch: Watch = lab.datastore().watch_prefix(prefix, lab.datastore().revision() + 1)
         self._thread = threading.Thread(target=self._read, name="key-watcher", daemon=True)
         self._thread.start()
@@ -91,7 +133,7 @@ class KeyWatcher:
             for events in self._watch:
                 now = time.time()
                 for ev in events:
-                    if ev.type == "put":
+                    if ev.type == "put" and self._accept(ev.kv.value):
                         self.seen.setdefault(ev.kv.key, now)
 
     def close(self) -> None:
@@ -107,7 +149,9 @@ class Sample:
     ip: str
     new_block: bool
     written: float
+    route: float | None
     programmed: float | None
+    announced: float | None
     tor_learned: float | None
     remote_installed: float | None
     reachable: float | None
@@ -115,6 +159,13 @@ class Sample:
     @property
     def total(self) -> float | None:
         return self.reachable
+
+
+def _endpoint_up(value: bytes) -> bool:
+    try:
+        return bool(json.loads(value).get("state") == "up")
+    except (ValueError, AttributeError):
+        return False
 
 
 def _rel(t: float | None, t0: float) -> float | None:
@@ -132,12 +183,18 @@ class ConvergenceProbe:
         self.router = router
         self.remote_host = lab.state.workloads[pinger].host
         self.watcher = KeyWatcher(lab, keys.workloads_prefix(host))
+        self.status = KeyWatcher(lab, keys.status_prefix(host), _endpoint_up)
+        host_ip = next(str(a[3]).split("/")[0] for a in lab.topo.nodes[host].exec if a[:3] == ("ip", "addr", "add"))
+        self.updates = UpdateMonitor(lab.ns(host), host_ip) if shutil.which("tcpdump") else None
         time.sleep(0.3)  # let the monitors subscribe
 
     def close(self) -> None:
         for m in self.monitors.values():
             m.close()
         self.watcher.close()
+        self.status.close()
+        if self.updates is not None:
+            self.updates.close()
 
     def measure(self, wl: Workload, timeout: float = 15.0) -> Sample:
         """Create ``wl`` through the CNI plugin and time each stage until the pinger gets a reply."""
@@ -163,7 +220,9 @@ class ConvergenceProbe:
                 ping.wait(5)
         # the plugin names the workload <K8S_POD_NAMESPACE>.<K8S_POD_NAME>, which the runner sets to
         # <instance>.<workload> (see calyx.cni.netconf and Lab._cni)
-        key = keys.workload_key(self.host, "lab", f"{self.lab.state.instance}.{wl.name}", "eth0")
+        ident = ("lab", f"{self.lab.state.instance}.{wl.name}", "eth0")
+        key = keys.workload_key(self.host, *ident)
+        status_key = keys.endpoint_status_key(self.host, *ident)
         deadline = time.monotonic() + 2
         while key not in self.watcher.seen and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -175,7 +234,9 @@ class ConvergenceProbe:
         time.sleep(0.05)  # let the monitors' readers catch up with the last events
         return Sample(
             workload=wl.name, ip=ws.ip, new_block=new_block, written=written,
-            programmed=_rel(self.monitors[self.host].first_after(f"{ws.ip}/32", started), written),
+            route=_rel(self.monitors[self.host].first_after(f"{ws.ip}/32", started), written),
+            programmed=_rel(self.status.seen.get(status_key), written),
+            announced=_rel(self.updates.first_after(started), written) if new_block and self.updates else None,
             tor_learned=_rel(self.monitors[self.router].first_after(block, started), written) if new_block else None,
             remote_installed=_rel(self.monitors[self.remote_host].first_after(block, started), written)
             if new_block else None,
@@ -205,7 +266,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summary(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
     """Median and p99 (seconds) of every stage over the samples that observed it."""
     out: dict[str, dict[str, float]] = {}
-    for stage in ("programmed", "tor_learned", "remote_installed", "reachable"):
+    for stage in ("route", "programmed", "announced", "tor_learned", "remote_installed", "reachable"):
         vals = [getattr(s, stage) for s in samples if getattr(s, stage) is not None]
         if vals:
             out[stage] = {"n": len(vals), "median": statistics.median(vals), "p99": percentile(vals, 99),
