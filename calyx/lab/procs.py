@@ -140,6 +140,36 @@ def stop(procs: Sequence[Proc], timeout: float = 5.0) -> None:
     wait_dead(procs, 5.0)
 
 
+def session_members(sid: int) -> list[Proc]:
+    """Live processes of the session ``sid`` (a process started by :func:`spawn` leads its own
+    session, and its children stay in it unless they call setsid): what systemd would find in the
+    unit's cgroup."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rfind(")") + 2:].split()
+        if int(rest[3]) == sid and rest[0] not in ("Z", "X"):
+            out.append(Proc("session", None, int(entry.name), int(rest[19]), "", ()))
+    return out
+
+
+def stop_unit(proc: Proc, *, kill: bool = False, timeout: float = 15.0) -> None:
+    """Stop a daemon as systemd's ``KillMode=mixed`` does: SIGTERM (or, for ``kill``, SIGKILL: a
+    crash) to the main process, then SIGKILL to whatever is left in its session (its children)."""
+    signal_proc(proc, signal.SIGKILL if kill else signal.SIGTERM)
+    for p in wait_dead([proc], timeout):
+        signal_proc(p, signal.SIGKILL)
+    rest = [p for p in session_members(proc.pid) if p.pid != proc.pid]
+    for p in rest:
+        signal_proc(p, signal.SIGKILL)
+    wait_dead([proc, *rest], 5.0)
+
+
 def netns_pids(netns: str) -> list[int]:
     """Every process inside the namespace (``ip netns pids``)."""
     r = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False)

@@ -494,14 +494,11 @@ class Lab:
                                           node=node, env=env))
 
     def stop_daemon(self, node: str, daemon: str, *, kill: bool = False) -> None:
+        """Stop a host daemon and its children, as systemd would (``kill``: SIGKILL, as a crash)."""
         p = self.proc(f"{node}/{daemon}")
         if p is None:
             return
-        if kill:
-            procs.signal_proc(p, signal.SIGKILL)
-            procs.wait_dead([p], 5)
-        else:
-            procs.stop([p], timeout=15)
+        procs.stop_unit(p, kill=kill)
 
     def restart_daemon(self, node: str, daemon: str, *, kill: bool = False) -> Proc:
         self.stop_daemon(node, daemon, kill=kill)
