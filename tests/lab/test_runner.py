@@ -186,3 +186,79 @@ def test_missing_daemons_are_reported_not_faked(lab_root: Path, monkeypatch: pyt
         lab.up()
     assert time.monotonic() - t0 < 5
     assert not lab.owned and fabric.list_netns(lab.state.prefix) == []
+
+
+_BIRD_HOST = """
+router id {ip};
+protocol device {{}}
+protocol static {{ ipv4; route {block} blackhole; }}
+protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}
+protocol bgp tor {{
+  local {ip} as {asn}; neighbor {tor} as {asn}; direct; hold time 9; connect retry time 2;
+  ipv4 {{ import all; export where source = RTS_STATIC; next hop self; }};
+}}
+"""
+
+
+def test_tor_configs_carry_host_blocks_between_racks(make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """The ToRs' side of two-racks, with BIRD standing in for each host's BGP speaker: a block a host
+    announces reaches the other host of its rack (reflected, next hop unchanged) and both hosts of the
+    other rack (eBGP between the ToRs, next hop self), and packets follow. This pins the lab's FRR
+    configuration down independently of bgpd."""
+    lab = make_lab("two-racks", daemons=False)
+    hosts = {"h1a": ("10.0.1.11", "10.0.1.1", 65001, 1), "h1b": ("10.0.1.12", "10.0.1.1", 65001, 2),
+             "h2a": ("10.0.2.11", "10.0.2.1", 65002, 3), "h2b": ("10.0.2.12", "10.0.2.1", 65002, 4)}
+    started = []
+    try:
+        for h, (ip, tor, asn, n) in hosts.items():
+            conf = tmp_path / f"{h}.conf"
+            conf.write_text(_BIRD_HOST.format(ip=ip, tor=tor, asn=asn, block=f"10.65.{n}.0/26"))
+            lab.run(h, ["ip", "addr", "add", f"10.65.{n}.1/32", "dev", "lo"], check=True)
+            started.append(procs.spawn(f"{h}/bird-standin", ["bird", "-f", "-c", str(conf), "-s",
+                                                             str(tmp_path / f"{h}.ctl")],
+                                       log=tmp_path / f"{h}.log", netns=lab.ns(h), node=h))
+        blocks = {f"10.65.{n}.0/26" for *_, n in hosts.values()}
+
+        def converged() -> bool:
+            return all(blocks - {f"10.65.{hosts[h][3]}.0/26"} <= _kernel_routes(lab, h) for h in hosts)
+
+        wait_until(converged, 40, "every host's kernel holding the other hosts' blocks")
+        assert blocks <= lab.router_prefixes("tor1") and blocks <= lab.router_prefixes("tor2")
+        # inside a rack the next hop is the other host itself; across racks it is the own ToR
+        r = json.loads(lab.run("h1a", ["ip", "-j", "route", "show", "10.65.2.0/26"], check=True).stdout)
+        assert r[0]["gateway"] == "10.0.1.12"
+        r = json.loads(lab.run("h1a", ["ip", "-j", "route", "show", "10.65.4.0/26"], check=True).stdout)
+        assert r[0]["gateway"] == "10.0.1.1"
+        for src, dst in (("h1a", "10.65.2.1"), ("h1a", "10.65.4.1"), ("h2b", "10.65.1.1"), ("h2a", "10.65.3.1")):
+            r2 = lab.run(src, ["ping", "-c", "1", "-W", "2", "-I", f"10.65.{hosts[src][3]}.1", dst])
+            assert r2.returncode == 0, f"{src} -> {dst}: {r2.stdout}"
+    finally:
+        procs.stop(started)
+
+
+def test_bird_reflector_config_reflects_between_hosts(make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """route-reflectors' rr2 (BIRD) with BIRD standing in for the hosts: every host learns every other
+    host's block with the originating host as next hop (reflected, not rewritten), and packets follow."""
+    lab = make_lab("route-reflectors", daemons=False)
+    hosts = {f"h{n}": (f"10.0.0.1{n}", n) for n in range(1, 5)}
+    started = []
+    try:
+        for h, (ip, n) in hosts.items():
+            conf = tmp_path / f"{h}.conf"
+            conf.write_text(_BIRD_HOST.format(ip=ip, tor="10.0.0.3", asn=64512, block=f"10.66.{n}.0/26")
+                            .replace("next hop self", "next hop address " + ip))
+            lab.run(h, ["ip", "addr", "add", f"10.66.{n}.1/32", "dev", "lo"], check=True)
+            started.append(procs.spawn(f"{h}/bird-standin", ["bird", "-f", "-c", str(conf), "-s",
+                                                             str(tmp_path / f"{h}.ctl")],
+                                       log=tmp_path / f"{h}.log", netns=lab.ns(h), node=h))
+
+        def converged() -> bool:
+            return all({f"10.66.{m}.0/26" for m in range(1, 5) if m != n} <= _kernel_routes(lab, h)
+                       for h, (_, n) in hosts.items())
+
+        wait_until(converged, 40, "every host's kernel holding the other hosts' blocks through rr2")
+        r = json.loads(lab.run("h1", ["ip", "-j", "route", "show", "10.66.4.0/26"], check=True).stdout)
+        assert r[0]["gateway"] == "10.0.0.14"
+        assert lab.run("h1", ["ping", "-c", "1", "-W", "2", "-I", "10.66.1.1", "10.66.4.1"]).returncode == 0
+    finally:
+        procs.stop(started)
