@@ -1,0 +1,200 @@
+"""The plugins through the CNI exec protocol by hand: error codes, rollback, netns path forms,
+readiness gate, STATUS and GC (spec 1.1, which no client on this machine speaks).
+
+Every failing call must leave the datastore byte-for-byte as it was (a full dump before and after).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from calyx.datastore import keys
+from calyx.model import EndpointStatus, IPPool, Node
+from tests.fixtures.cni import CniHost
+
+pytestmark = [pytest.mark.privileged, pytest.mark.etcd]
+
+N = ipaddress.ip_network
+
+
+def conf(h: CniHost, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+    return {"cniVersion": version, "name": "net1", **h.calyx_plugin(**extra)}
+
+
+@pytest.fixture
+def ready(cni_host: CniHost) -> CniHost:
+    """A pool, the node, and one workload already added (its block claimed), so that a failed ADD that
+    allocated and rolled back leaves every value identical."""
+    h = cni_host
+    h.put(IPPool("pool1", N("10.71.0.0/24"), 26))
+    h.put(Node(h.node))
+    c = h.new_netns()
+    rc, out = h.plugin("calyx", "ADD", conf(h), container_id="base", netns=c.path)
+    assert rc == 0, out
+    return h
+
+
+def expect_error(h: CniHost, code: int, text: str, command: str, stdin: dict[str, Any] | bytes, *,
+                 plugin: str = "calyx", **kw: Any) -> dict[str, Any]:
+    before = h.dump()
+    links = h.host_links()
+    rc, out = h.plugin(plugin, command, stdin, **kw)
+    assert rc == 1, out
+    assert isinstance(out, dict) and out["code"] == code and text in out["msg"], out
+    assert set(out) <= {"cniVersion", "code", "msg", "details"}
+    assert h.dump() == before, "the datastore changed"
+    assert h.host_links() == links, "a host interface was left behind"
+    return out
+
+
+def test_version(cni_host: CniHost) -> None:
+    for plugin in ("calyx", "calyx-ipam"):
+        rc, out = cni_host.plugin(plugin, "VERSION", b'{"cniVersion":"1.0.0"}', env={
+            "CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"})
+        assert rc == 0 and out == {"cniVersion": "1.0.0",
+                                   "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+        rc, out = cni_host.plugin(plugin, "VERSION", b"")
+        assert rc == 0 and out["cniVersion"] == "1.1.0"
+
+
+def test_input_errors_leave_everything_unchanged(ready: CniHost) -> None:
+    h = ready
+    c = h.new_netns()
+    add = {"container_id": "c1", "netns": c.path}
+    expect_error(h, 6, "not valid JSON", "ADD", b"{not json", **add)
+    expect_error(h, 6, "must be a JSON object", "ADD", b"[1, 2]", **add)
+    expect_error(h, 1, "CNI version 9.9.9 is not supported", "ADD", conf(h, "9.9.9"), **add)
+    expect_error(h, 7, "no cniVersion", "ADD", {"name": "x", "type": "calyx"}, **add)
+    missing_name = conf(h)
+    del missing_name["name"]
+    expect_error(h, 7, "no 'name'", "ADD", missing_name, **add)
+    expect_error(h, 7, "ipam.type", "ADD", {**conf(h), "ipam": {}}, **add)
+    expect_error(h, 7, "mtu must be", "ADD", conf(h, mtu=10), **add)
+    expect_error(h, 7, "labels", "ADD", conf(h, labels={"bad key!": "x"}), **add)
+    expect_error(h, 1, "CHECK needs cniVersion 0.4.0", "CHECK", conf(h, "0.3.1"), **add)
+    expect_error(h, 1, "GC needs cniVersion 1.1.0", "GC", conf(h), **add)
+    expect_error(h, 4, "CNI_CONTAINERID is required", "ADD", conf(h), netns=c.path)
+    expect_error(h, 4, "CNI_NETNS is required", "ADD", conf(h), container_id="c1")
+    expect_error(h, 4, "CNI_ARGS", "ADD", conf(h), args="NOEQUALS", **add)
+    expect_error(h, 4, "unknown CNI_COMMAND", "FROB", conf(h), **add)
+    expect_error(h, 4, "CNI_COMMAND is not set", "", conf(h), **add)
+    # a namespace that vanished: code 3, nothing allocated
+    gone = h.new_netns()
+    gone.delete()
+    expect_error(h, 3, "does not exist", "ADD", conf(h), container_id="c2", netns=gone.path)
+    expect_error(h, 3, "not a usable network namespace", "ADD", conf(h), container_id="c2", netns="/proc/self/ns/mnt")
+    # etcd down (nothing listens there): try again later
+    dead = {**conf(h), "etcd_endpoints": [f"unix://{h.root}/no-etcd.sock"]}
+    expect_error(h, 11, "etcd is unreachable", "ADD", dead, **add)
+    # IPAM plugin missing from CNI_PATH
+    expect_error(h, 105, "not found in CNI_PATH", "ADD", {**conf(h), "ipam": {"type": "no-such-ipam"}}, **add)
+    # calyx-ipam on its own
+    expect_error(h, 7, "ipam.assign_ipv4", "ADD", {**conf(h), "ipam": {"type": "calyx-ipam", "assign_ipv4": 3}},
+                 plugin="calyx-ipam", container_id="c3")
+    expect_error(h, 101, "does not exist", "ADD",
+                 {**conf(h), "ipam": {"type": "calyx-ipam", "ipv4_pools": ["nope"]}}, plugin="calyx-ipam",
+                 container_id="c3")
+
+
+def test_failed_add_rolls_everything_back(ready: CniHost) -> None:
+    h = ready
+    c = h.new_netns()
+    c.ip("link", "add", "eth0", "type", "veth", "peer", "name", "other")  # the interface name is taken
+    out = expect_error(h, 100, "interface eth0 already exists", "ADD", conf(h), container_id="c4", netns=c.path)
+    assert "ADD was called twice" in out["msg"]
+    # the pool is exhausted: 101 and no veth
+    h.put(IPPool("tiny", N("10.72.0.0/30"), 30))
+    tiny = {**conf(h), "ipam": {"type": "calyx-ipam", "ipv4_pools": ["tiny"]}}
+    c2 = h.new_netns()
+    for i in range(4):
+        rc, out = h.plugin("calyx", "ADD", tiny, container_id=f"fill{i}", netns=h.new_netns().path)
+        assert rc == 0, out
+    expect_error(h, 101, "no free address left", "ADD", tiny, container_id="c5", netns=c2.path)
+    # readiness gate: felix never reports the endpoint up -> 103, and all of it is undone
+    c3 = h.new_netns()
+    expect_error(h, 103, "did not report endpoint cni/c6/eth0 programmed within 0.3 s", "ADD",
+                 conf(h, readiness_timeout=0.3), container_id="c6", netns=c3.path)
+    # ...and when felix has reported it up, ADD succeeds
+    h.put(EndpointStatus(h.node, "cni", "c6", "eth0", state="up"))
+    rc, out = h.plugin("calyx", "ADD", conf(h, readiness_timeout=5), container_id="c6", netns=c3.path)
+    assert rc == 0, out
+
+
+def test_netns_path_forms_and_tolerant_del(ready: CniHost) -> None:
+    h = ready
+    a, b, c = h.new_netns(), h.new_netns(), h.new_netns()
+    # a process inside a (its /proc/<pid>/ns/net), and one holding an fd on b (/proc/<pid>/fd/3)
+    sleeper = a.popen("sh", "-c", f"exec sleep 60 3<{b.path}")
+    try:
+        pid = None
+        for _ in range(100):
+            pids = a.pids()
+            if pids:
+                pid = pids[0]
+                break
+            subprocess.run(["sleep", "0.05"], check=False)
+        assert pid is not None
+        forms = ((a, f"/proc/{pid}/ns/net"), (b, f"/proc/{pid}/fd/3"), (c, c.path.replace("/run/", "/var/run/")))
+        for i, (ns, path) in enumerate(forms):
+            rc, out = h.plugin("calyx", "ADD", conf(h), container_id=f"forms{i}", netns=path, ifname="eth1",
+                               args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod-{i}")
+            assert rc == 0, out
+            assert out["interfaces"][1] == {"name": "eth1", "mac": out["interfaces"][1]["mac"], "sandbox": path}
+            assert ns.ip_json("addr", "show", "dev", "eth1")[0]["addr_info"][0]["local"] == \
+                out["ips"][0]["address"].split("/")[0]
+        key = keys.workload_key(h.node, "cni", "ns1.pod-0", "eth1")
+        labels = json.loads(h.ds.get(key).value)["labels"]  # type: ignore[union-attr]
+        assert labels == {"calyx/namespace": "ns1"}
+    finally:
+        sleeper.kill()
+    # DEL with an empty CNI_NETNS (containerd after the task exited), twice, and with no state at all
+    for _ in range(2):
+        rc, out = h.plugin("calyx", "DEL", conf(h), container_id="forms0", netns="", ifname="eth1",
+                           args="K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod-0")
+        assert rc == 0, out
+    rc, out = h.plugin("calyx", "DEL", conf(h), container_id="never-added", netns="/run/netns/gone")
+    assert rc == 0, out
+    rc, out = h.plugin("calyx", "DEL", {**conf(h), "ipam": {"type": "no-such-ipam"}}, container_id="x")
+    assert rc == 0, out
+    left = {kv.key for kv in h.ds.get_prefix(keys.WORKLOADS_PREFIX)[0]}
+    assert key not in left and keys.workload_key(h.node, "cni", "ns1.pod-1", "eth1") in left
+    assert h.ds.get(keys.ipam_handle_key("net1.forms0")) is None
+    assert "eth1" not in [link["ifname"] for link in a.ip_json("link", "show")]
+
+
+def test_results_in_older_versions(ready: CniHost) -> None:
+    h = ready
+    for version in ("0.3.0", "0.3.1", "0.4.0", "1.1.0"):
+        rc, out = h.plugin("calyx", "ADD", conf(h, version), container_id=f"v{version}", netns=h.new_netns().path)
+        assert rc == 0, out
+        assert out["cniVersion"] == version
+        assert ("version" in out["ips"][0]) == version.startswith("0."), out
+
+
+def test_status_and_gc(ready: CniHost) -> None:
+    h = ready
+    rc, out = h.plugin("calyx", "STATUS", conf(h, "1.1.0"))
+    assert rc == 0 and out is None
+    rc, out = h.plugin("calyx", "STATUS", {**conf(h, "1.1.0"), "etcd_endpoints": [f"unix://{h.root}/none.sock"]})
+    assert rc == 1 and out["code"] == 50, out
+    c1, c2 = h.new_netns(), h.new_netns()
+    for cid, ns in (("keep", c1), ("stale", c2)):
+        rc, out = h.plugin("calyx", "ADD", conf(h, "1.1.0"), container_id=cid, netns=ns.path)
+        assert rc == 0, out
+    stale_if = [x for x in h.host_links() if x.startswith("cali")]
+    gc = {**conf(h, "1.1.0"), "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"},
+                                                           {"containerID": "base", "ifname": "eth0"}]}
+    rc, out = h.plugin("calyx", "GC", gc)
+    assert rc == 0, out
+    handles = {kv.key.rsplit("/", 1)[1] for kv in h.ds.get_prefix(keys.IPAM_HANDLES_PREFIX)[0]}
+    assert handles == {"net1.keep", "net1.base"}
+    workloads = {kv.key.split("/")[-2] for kv in h.ds.get_prefix(keys.WORKLOADS_PREFIX)[0]}
+    assert workloads == {"keep", "base"}
+    assert len([x for x in h.host_links() if x.startswith("cali")]) == len(stale_if) - 1
+    assert "eth0" not in [link["ifname"] for link in c2.ip_json("link", "show")]  # went with the host veth
+    assert "eth0" in [link["ifname"] for link in c1.ip_json("link", "show")]
