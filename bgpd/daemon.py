@@ -183,7 +183,11 @@ class BgpDaemon:
             sess.since = now_iso()
             if ev.reason and "graceful restart" not in ev.reason:
                 sess.last_error = ev.reason
+            # Graceful restart covers a lost TCP session, not a NOTIFICATION (RFC 4724): then the
+            # peer's routes go at once.
             keep = sess.restart_time if sess.neighbor.graceful_restart and sess.restart_time else None
+            if "notification" in ev.reason:
+                keep = None
             if self.rib is not None:
                 self.rib.peer_down(peer, keep, time.monotonic())
             if was_up:

@@ -31,6 +31,7 @@ import ctypes
 import logging
 import os
 import pwd
+import shutil
 import signal
 import sys
 import time
@@ -77,6 +78,17 @@ def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork a
     os.setsid()
 
 
+def resolve_binary(name: str) -> str:
+    """``exabgp`` from PATH, else the one installed next to our interpreter (the same virtualenv)."""
+    if os.sep in name:
+        return name
+    found = shutil.which(name)
+    if found:
+        return found
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
 def helper_command(socket_path: str) -> str:
     """The ``run`` line of ExaBGP's process section."""
     return f"{sys.executable} -m bgpd.helper {socket_path}"
@@ -95,7 +107,7 @@ class ExaBGP:
         on_helper: Callable[[bool], Awaitable[None]],
         on_exit: Callable[[], None],
     ) -> None:
-        self.binary = binary
+        self.binary = resolve_binary(binary)
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.conf_path = state_dir / "exabgp.conf"

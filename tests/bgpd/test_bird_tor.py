@@ -1,0 +1,194 @@
+"""Two hosts running ``bgpd run`` behind a BIRD 2 ToR, with real etcd, ExaBGP and packets.
+
+Topology (one per module; every namespace and process is removed at the end)::
+
+    h1 (AS 65001) 10.10.1.1/31 ── 10.10.1.0/31 tor (BIRD, AS 65000) 10.10.2.0/31 ── 10.10.2.1/31 h2 (AS 65002)
+    workload 10.65.1.1 in block 10.65.1.0/26                              workload 10.65.2.1 in 10.65.2.0/26
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.bgpd.topo import (
+    Bgpd,
+    Cluster,
+    EtcdForward,
+    Pinger,
+    add_address,
+    kernel_routes,
+    ping_ok,
+    wait_established,
+    wait_route,
+)
+from tests.fixtures.etcd import EtcdMember
+from tests.fixtures.netns import Netns, create_veth, netns_session
+from tests.fixtures.routers import Bird, router_session, wait_for
+
+pytestmark = [pytest.mark.privileged, pytest.mark.etcd]
+
+BIRD_TOR = """
+router id 10.10.255.254;
+protocol device {}
+protocol kernel { ipv4 { export where source = RTS_BGP; }; merge paths on; }
+protocol static odd {
+    ipv4;
+    route 10.88.0.0/24 blackhole { bgp_origin = ORIGIN_INCOMPLETE; bgp_med = 7; bgp_community.add((65000, 7));
+                                   bgp_large_community.add((65000, 1, 2)); bgp_ext_community.add((rt, 65000, 9)); };
+}
+template bgp hosts {
+    local as 65000; hold time 30; graceful restart on;
+    ipv4 { import all; export all; };
+}
+protocol bgp h1 from hosts { neighbor 10.10.1.1 as 65001; }
+protocol bgp h2 from hosts { neighbor 10.10.2.1 as 65002; }
+"""
+
+
+@dataclass
+class Topo:
+    tor: Netns
+    h1: Netns
+    h2: Netns
+    bird: Bird
+    cluster: Cluster
+    bgpd1: Bgpd
+    bgpd2: Bgpd
+
+
+@pytest.fixture(scope="module")
+def topo(etcd: EtcdMember, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topo]:
+    work: Path = tmp_path_factory.mktemp("bird-tor")
+    with netns_session() as make, router_session(work) as routers:
+        tor, h1, h2 = make(), make(), make()
+        create_veth(h1, tor, "10.10.1.1/31", "10.10.1.0/31", name_a="up0", name_b="h1")
+        create_veth(h2, tor, "10.10.2.1/31", "10.10.2.0/31", name_a="up0", name_b="h2")
+        tor.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        add_address(h1, "10.65.1.1/32")
+        add_address(h2, "10.65.2.1/32")
+        bird = routers.bird(tor, BIRD_TOR, "tor")
+        ds = etcd.client()
+        c = Cluster(ds)
+        c.cluster(as_number=64512, node_to_node_mesh=False, graceful_restart_time=60)
+        c.node("h1", "10.10.1.1/31", as_number=65001)
+        c.node("h2", "10.10.2.1/31", as_number=65002)
+        c.peer("tor-h1", peer_ip="10.10.1.0", as_number=65000, node="h1", hold_time=30)
+        c.peer("tor-h2", peer_ip="10.10.2.0", as_number=65000, node="h2", hold_time=30)
+        c.pool("p", "10.65.0.0/16")
+        c.block("10.65.1.0/26", "h1")
+        c.block("10.65.2.0/26", "h2")
+        fwds = [EtcdForward(h1, etcd.client_port), EtcdForward(h2, etcd.client_port)]
+        b1 = Bgpd(h1, "h1", work, fwds[0].endpoint).start()
+        b2 = Bgpd(h2, "h2", work, fwds[1].endpoint).start()
+        try:
+            wait_established(c, "h1", ["10.10.1.0"], b1)
+            wait_established(c, "h2", ["10.10.2.0"], b2)
+            yield Topo(tor, h1, h2, bird, c, b1, b2)
+        finally:
+            for b in (b1, b2):
+                b.stop()
+            for f in fwds:
+                f.close()
+            ds.close()
+
+
+def test_sessions_and_status(topo: Topo) -> None:
+    assert topo.bird.established("h1") and topo.bird.established("h2")
+    st = topo.cluster.peer_status("h1")["10.10.1.0"]
+    assert st["peer_type"] == "node specific" and st["peer_as"] == 65000 and st["since"]
+
+
+def test_blocks_reach_tor_and_other_host(topo: Topo) -> None:
+    routes = wait_for(lambda: topo.bird.routes().get("10.65.1.0/26"), 20, "h1's block at the ToR")
+    assert routes[0].nexthops == ["10.10.1.1"] and routes[0].attrs.get("BGP.as_path") == "65001"
+    r = wait_route(topo.h2, "10.65.1.0/26", ["10.10.2.0"])
+    assert r["metric"] == 20  # kernel_routes lists protocol 79 only
+    wait_route(topo.h1, "10.65.2.0/26", ["10.10.1.0"])
+    assert ping_ok(topo.h2, "10.65.2.1", "10.65.1.1")
+    # the route with unusual attributes (origin incomplete, MED, large and extended communities) parsed
+    wait_route(topo.h1, "10.88.0.0/24", ["10.10.1.0"])
+    # our own block is never installed from BGP on the host that owns it
+    assert "10.65.1.0/26" not in kernel_routes(topo.h1)
+    status = topo.cluster.peer_status("h2")["10.10.2.0"]
+    assert status["prefixes_sent"] == 1 and status["prefixes_received"] >= 2
+
+
+def test_borrowed_address_and_withdraws(topo: Topo) -> None:
+    c = topo.cluster
+    c.workload("h1", "borrow", "10.65.2.9/32")  # an address of h2's block living on h1
+    wait_for(lambda: "10.65.2.9/32" in topo.bird.routes(), 20, "borrowed /32 at the ToR")
+    wait_route(topo.h2, "10.65.2.9/32", ["10.10.2.0"])
+    c.delete_workload("h1", "borrow")
+    wait_for(lambda: "10.65.2.9/32" not in topo.bird.routes(), 20, "borrowed /32 withdrawn at the ToR")
+    wait_route(topo.h2, "10.65.2.9/32", None)
+    c.block("10.65.3.0/26", "h1")
+    wait_route(topo.h2, "10.65.3.0/26", ["10.10.2.0"])
+    c.delete_block("10.65.3.0/26")
+    wait_route(topo.h2, "10.65.3.0/26", None)
+    assert "10.65.3.0/26" not in topo.bird.routes()
+
+
+def test_peer_shutdown_removes_routes_and_flaps_do_not_crash(topo: Topo) -> None:
+    topo.bird.birdc("disable", "h2")  # a Cease notification: graceful restart does not apply
+    wait_route(topo.h2, "10.65.1.0/26", None, timeout=15)
+    for _ in range(3):
+        topo.bird.birdc("enable", "h2")
+        time.sleep(0.5)
+        topo.bird.birdc("disable", "h2")
+        time.sleep(0.3)
+    topo.bird.birdc("enable", "h2")
+    wait_route(topo.h2, "10.65.1.0/26", ["10.10.2.0"], timeout=40)
+    assert topo.bgpd2.alive
+    wait_established(topo.cluster, "h2", ["10.10.2.0"], topo.bgpd2)
+
+
+def _watch_no_gap(topo: Topo, action: str) -> None:
+    """Kill ExaBGP or bgpd on h1 under a ping from h2; the ToR and both kernels must keep the routes."""
+    assert ping_ok(topo.h2, "10.65.2.1", "10.65.1.1")
+    pinger = Pinger(topo.h2, "10.65.2.1", "10.65.1.1")
+    time.sleep(0.5)
+    old_exabgp = topo.bgpd1.exabgp_pid()
+    assert old_exabgp is not None
+    if action == "exabgp":
+        import os
+        import signal
+
+        os.kill(old_exabgp, signal.SIGKILL)
+    else:
+        topo.bgpd1.kill()
+        time.sleep(1.0)
+        topo.bgpd1.start()  # what systemd would do
+    deadline = time.monotonic() + 40
+    seen_new = False
+    while time.monotonic() < deadline:
+        assert "10.65.1.0/26" in topo.bird.routes(), "the ToR lost h1's block"
+        assert "10.65.2.0/26" in kernel_routes(topo.h1), "h1 lost its route to h2's block"
+        assert "10.65.1.0/26" in kernel_routes(topo.h2), "h2 lost its route to h1's block"
+        pid = topo.bgpd1.exabgp_pid()
+        if pid is not None and pid != old_exabgp and topo.bird.established("h1"):
+            routes = topo.bird.routes().get("10.65.1.0/26", [])
+            if routes and "stale" not in str(routes[0].attrs).lower():
+                seen_new = True
+                break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    sent, received, out = pinger.stop()
+    assert seen_new, f"h1 did not re-establish with the ToR:\n{topo.bgpd1.log_tail()}"
+    assert sent > 50 and received == sent, out
+
+
+def test_kill_exabgp_loses_nothing(topo: Topo) -> None:
+    _watch_no_gap(topo, "exabgp")
+    assert topo.bgpd1.alive
+    wait_established(topo.cluster, "h1", ["10.10.1.0"], topo.bgpd1)
+
+
+def test_kill_bgpd_loses_nothing(topo: Topo) -> None:
+    _watch_no_gap(topo, "bgpd")
+    wait_established(topo.cluster, "h1", ["10.10.1.0"], topo.bgpd1)
+    assert "adopted" in topo.bgpd1.log.read_text()
