@@ -18,6 +18,9 @@ What it measures, each as a wall-clock time (``time.time()``):
 - ``remote_installed``: the same route appears in the kernel of the pinging host;
 - ``reachable``: the first echo reply seen by ``ping -D`` from a workload on another host.
 
+Stages that happen before the endpoint write (the CNI plugin's route, the announcement of a
+block IPAM claimed for it) come out negative.
+
 Kernel events come from ``ip -ts monitor route`` run inside each namespace (timestamps taken by
 ``ip`` as it reads the netlink message), so polling does not blur them.
 """
@@ -169,7 +172,10 @@ def _endpoint_up(value: bytes) -> bool:
 
 
 def _rel(t: float | None, t0: float) -> float | None:
-    return None if t is None else max(0.0, t - t0)
+    """Seconds after the endpoint write; negative when the stage happened before it (the CNI plugin
+    adds the /32 route, and IPAM claims the block — which bgpd announces at once — before it writes
+    the endpoint)."""
+    return None if t is None else t - t0
 
 
 class ConvergenceProbe:
@@ -203,9 +209,13 @@ class ConvergenceProbe:
         # the address is not known before ADD: ping starts right after it, and catches the first reply
         ws: WorkloadState = self.lab.add_workload(wl)
         assert ws.ip is not None
-        ping = subprocess.Popen(["ip", "netns", "exec", self.lab.ns(self.pinger), "ping", "-n", "-D", "-i", "0.01",
-                                 "-W", "1", "-w", f"{timeout:g}", ws.ip], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        # no -w: with a deadline ping gives up at the first ICMP error (e.g. "net unreachable" from a
+        # router that has not learned the route yet); a timer ends it instead
+        ping = subprocess.Popen(["ip", "netns", "exec", self.lab.ns(self.pinger), "stdbuf", "-oL", "ping", "-n",
+                                 "-D", "-i", "0.01", "-W", "1", "-c", str(int(timeout / 0.01)), ws.ip],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        timer = threading.Timer(timeout, ping.terminate)
+        timer.start()
         reachable = None
         try:
             assert ping.stdout is not None
@@ -215,6 +225,7 @@ class ConvergenceProbe:
                     reachable = float(m.group(1))
                     break
         finally:
+            timer.cancel()
             ping.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 ping.wait(5)

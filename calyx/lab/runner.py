@@ -399,9 +399,13 @@ class Lab:
 
     def apply_file(self, path: Path) -> int:
         """Apply a file of calyxctl documents to the lab's etcd (all or nothing); returns the count."""
+        return self.apply_text(path.read_text(), str(path))
+
+    def apply_text(self, text: str, source: str = "<text>") -> int:
+        """Apply calyxctl documents (YAML or JSON) to the lab's etcd (all or nothing)."""
         from calyx.cli import resources
 
-        docs = resources.parse_documents(path.read_text(), str(path))
+        docs = resources.parse_documents(text, source)
         resources.apply(self.datastore(), docs)
         return len(docs)
 
@@ -426,6 +430,7 @@ class Lab:
     def _start_frr(self, node: LabNode) -> None:
         ps = self.frr_pathspace(node.name)
         run = FRR_RUN / ps
+        shutil.rmtree(run, ignore_errors=True)  # sockets and pid files of a killed instance
         run.mkdir(parents=True, exist_ok=True)
         shutil.chown(run, "frr", "frr")
         log = self.log_path(node.name, "frr")
@@ -584,11 +589,13 @@ class Lab:
     def netconf(self, wl: Workload) -> dict[str, Any]:
         """The CNI network configuration of one workload (labels and profiles are per workload)."""
         env = self.node_env(wl.host)
+        ipam: dict[str, Any] = {"type": "calyx-ipam"}
+        if wl.pools:
+            ipam["ipv4_pools"] = list(wl.pools)
         return {
             "cniVersion": "1.0.0", "name": f"calyx-lab-{self.state.instance}", "type": "calyx",
             "etcd_endpoints": env["CALYX_ETCD_ENDPOINTS"], "node_name": env["CALYX_NODE_NAME"],
-            "orchestrator": "lab", "ipam": {"type": "calyx-ipam"}, "labels": dict(wl.labels),
-            "profiles": list(wl.profiles),
+            "orchestrator": "lab", "ipam": ipam, "labels": dict(wl.labels), "profiles": list(wl.profiles),
         }
 
     def add_workload(self, wl: Workload) -> WorkloadState:

@@ -15,7 +15,7 @@ that containerlab ignores:
   ``frr`` or ``bird`` (a BGP router, e.g. a ToR or a reflector), ``router`` or ``switch`` (plain
   forwarding or bridging, no daemon);
 - the sidecar ``calyx-lab.yml``: ``cluster`` (a file of calyxctl documents applied once etcd is
-  up), ``workloads`` (``{name, host, labels, profiles}``, created through the CNI plugin),
+  up), ``workloads`` (``{name, host, labels, profiles, pools}``, created through the CNI plugin),
   ``policies`` (named document files applied on demand) and ``requires`` (kernel features such as
   ``ipip``).
 
@@ -80,6 +80,8 @@ class Workload:
     host: str
     labels: dict[str, str] = field(default_factory=dict)
     profiles: tuple[str, ...] = ()
+    #: IP pools to take the address from (``ipam.ipv4_pools``); empty: any pool that selects the host
+    pools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def _sidecar(path: Path, nodes: dict[str, LabNode]) -> dict[str, Any]:
         where = f"{path}: workloads[{i}]"
         if not isinstance(w, dict):
             raise TopologyError(f"{where}: expected a mapping")
-        bad = sorted(set(w) - {"name", "host", "labels", "profiles"})
+        bad = sorted(set(w) - {"name", "host", "labels", "profiles", "pools"})
         if bad:
             raise TopologyError(f"{where}: unknown field {bad[0]!r}")
         name, host = w.get("name"), w.get("host")
@@ -275,7 +277,11 @@ def _sidecar(path: Path, nodes: dict[str, LabNode]) -> dict[str, Any]:
         profiles = w.get("profiles") or []
         if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
             raise TopologyError(f"{where}.profiles: expected a list of names")
-        workloads.append(Workload(name, host, _str_map(w.get("labels"), f"{where}.labels"), tuple(profiles)))
+        pools = w.get("pools") or []
+        if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
+            raise TopologyError(f"{where}.pools: expected a list of pool names")
+        workloads.append(Workload(name, host, _str_map(w.get("labels"), f"{where}.labels"), tuple(profiles),
+                                  tuple(pools)))
     out["workloads"] = tuple(workloads)
     policies = raw.get("policies") or {}
     if not isinstance(policies, dict):

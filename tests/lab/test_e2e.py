@@ -157,13 +157,22 @@ def test_tor_restart_heals(racks: Lab) -> None:
 
 
 def test_convergence_endpoint_to_reachable_from_the_other_rack(racks: Lab, record_property: object) -> None:
+    """Endpoint written to etcd → a workload on the other rack gets a reply, through every stage: the
+    endpoint's address comes from a pool of /32 blocks, so each one needs bgpd to announce it, tor2 to
+    learn it, tor1 and h1a to install it (the worst case; an address in an already announced block
+    needs none of that)."""
     wait_until(lambda: _all_reach(racks), 30, "a full ping matrix")
+    racks.apply_text("kind: IPPool\nname: conv-pool\nspec: {cidr: 10.70.0.0/24, block_size: 32}\n")
+    samples = []
     with probe(racks, host="h2b", router="tor2", pinger="b-h1a") as p:
-        sample = p.measure(Workload("conv-1", "h2b", {"tenant": "b"}, ("lab",)))
-    assert sample.reachable is not None, f"never reachable: {sample}"
-    print(f"convergence: {json.dumps(sample.__dict__)}")
-    record_property("convergence_s", sample.reachable)  # type: ignore[operator]
-    assert sample.reachable < 5.0
+        for i in range(3):
+            samples.append(p.measure(Workload(f"conv-{i}", "h2b", {"tenant": "b"}, ("lab",), ("conv-pool",))))
+    for s in samples:
+        print(f"convergence: {json.dumps(s.__dict__)}")
+        assert s.new_block and s.ip.startswith("10.70.0."), s
+        assert None not in (s.programmed, s.tor_learned, s.remote_installed, s.reachable), f"a stage was not seen: {s}"
+        assert s.reachable is not None and s.reachable < 2.0, s
+    record_property("convergence_s", [s.reachable for s in samples])  # type: ignore[operator]
 
 
 def test_removed_host_routes_are_withdrawn_everywhere(racks: Lab) -> None:
