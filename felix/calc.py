@@ -358,15 +358,18 @@ class Calculator:
             return None
         ep = self.endpoints[key]
         pols = self._ep_pols.get(key, ())
-        return EndpointPlan(
-            key=key,
-            iface=ep.iface,
-            ipv4_nets=ep.ipv4_nets,
-            ipv6_nets=ep.ipv6_nets,
-            ingress_policies=tuple(p for p in pols if "ingress" in self.policies[p].types),
-            egress_policies=tuple(p for p in pols if "egress" in self.policies[p].types),
-            profiles=tuple(p for p in dict.fromkeys(ep.profiles) if p in self.profiles),
-        )
+        ingress: tuple[str, ...] = ()
+        egress: tuple[str, ...] = ()
+        if pols:
+            policies = self.policies
+            ingress = tuple(p for p in pols if "ingress" in policies[p].types)
+            egress = tuple(p for p in pols if "egress" in policies[p].types)
+        profiles = ep.profiles
+        if len(profiles) == 1:
+            profiles = profiles if profiles[0] in self.profiles else ()
+        else:
+            profiles = tuple(p for p in dict.fromkeys(profiles) if p in self.profiles)
+        return EndpointPlan(key, ep.iface, ep.ipv4_nets, ep.ipv6_nets, ingress, egress, profiles)
 
     @property
     def ipset_ids(self) -> frozenset[str]:

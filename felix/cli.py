@@ -121,7 +121,7 @@ def _kernel_routes() -> set[str]:
 
 def _desired_routes(dp: Dataplane) -> set[str]:
     out = set()
-    for dst, route in dp.endpoints.routes.desired.items():
+    for dst, route in dp.endpoints.desired_routes.items():
         if route.type.name == "BLACKHOLE":
             out.add(f"blackhole {dst}")
         else:

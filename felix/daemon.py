@@ -89,6 +89,7 @@ class Felix:
     """The daemon's state and its loop (see the module docstring)."""
 
     def __init__(self, cfg: calyx_config.Config, ds: Datastore) -> None:
+        self._started = time.monotonic()
         self.cfg = cfg
         self.ds = ds
         self.calc = Calculator(cfg.node_name)
@@ -261,6 +262,9 @@ class Felix:
             self.apply_errors = []
             self._retry_at = None
             self._retry_delay = RETRY_MIN
+        if not self.applied_once:
+            log.info("first apply complete %.2f s after start (%s)", time.monotonic() - self._started,
+                     "changes made" if report.did_work else "the kernel was already right")
         self.applied_once = True
 
     def _report(self, syncer: Syncer) -> None:

@@ -176,7 +176,8 @@ class Dataplane:
                             plan.iface, sorted(users | {key}))
             users.add(key)
             for v, table in self.filter.items():
-                table.set_chains(rules.endpoint_chains(plan, v))
+                for cname, (head, block) in rules.endpoint_chain_parts(plan, v).items():
+                    table.set_chain(cname, block, head=head)
             self.endpoints.set_endpoint(key, plan.iface, plan.ipv4_nets + plan.ipv6_nets)
             g = rules.dispatch_group(plan.iface)
             members = self._groups.get(g)
@@ -247,11 +248,6 @@ class Dataplane:
             report.errors.append(f"ipsets: {exc}")
         report.duration = time.monotonic() - start
         return report
-
-    @property
-    def needs_apply(self) -> bool:
-        return not (self.ipsets.in_sync and self.endpoints.routes.in_sync
-                    and all(t.in_sync for t in self.tables.values()))
 
     def endpoint_states(self) -> dict[str, str]:
         """Workload key → ``up`` when its routes are programmed, else ``down``."""

@@ -66,6 +66,7 @@ class EndpointManager:
         self._owner: dict[IPNetwork, str] = {}  # route dst -> endpoint key
         self._blocks: set[IPNetwork] = set()
         self._sysctl_dirty: set[str] = set()
+        self._route_dirty: set[IPNetwork] = set()
         self._forwarding_logged = False
         self.ip_forwarding: bool | None = None
 
@@ -75,7 +76,8 @@ class EndpointManager:
         nets = tuple(nets)
         if self._ifaces.get(key) == iface and self._nets.get(key) == nets:
             return
-        self.remove_endpoint(key)
+        if key in self._ifaces:
+            self.remove_endpoint(key)
         self._ifaces[key] = iface
         self._nets[key] = nets
         for net in nets:
@@ -84,7 +86,7 @@ class EndpointManager:
                 log.warning("address claimed by two local endpoints net=%s endpoints=%s,%s (last wins)",
                             net, other, key)
             self._owner[net] = key
-            self.routes.set_route(Route(dst=net, oif=iface))
+            self._route_dirty.add(net)
         self._sysctl_dirty.add(iface)
 
     def remove_endpoint(self, key: str) -> None:
@@ -92,20 +94,30 @@ class EndpointManager:
         for net in self._nets.pop(key, ()):
             if self._owner.get(net) == key:
                 del self._owner[net]
-                if net in self._blocks:
-                    self.routes.set_route(Route(dst=net, type=RouteType.BLACKHOLE))
-                else:
-                    self.routes.remove_route(net)
+                self._route_dirty.add(net)
 
     def set_blocks(self, blocks: Iterable[IPNetwork]) -> None:
         new = set(blocks)
-        for net in self._blocks - new:
-            if net not in self._owner:
-                self.routes.remove_route(net)
-        for net in new - self._blocks:
-            if net not in self._owner:
-                self.routes.set_route(Route(dst=net, type=RouteType.BLACKHOLE))
+        self._route_dirty |= new ^ self._blocks
         self._blocks = new
+
+    def _flush_routes(self) -> None:
+        """Hand the dirty destinations to the route table (the route objects are built here, at
+        apply time, so that updates stay cheap)."""
+        dirty, self._route_dirty = self._route_dirty, set()
+        for net in dirty:
+            key = self._owner.get(net)
+            if key is not None:
+                self.routes.set_route(Route(dst=net, oif=self._ifaces[key]))
+            elif net in self._blocks:
+                self.routes.set_route(Route(dst=net, type=RouteType.BLACKHOLE))
+            else:
+                self.routes.remove_route(net)
+
+    @property
+    def desired_routes(self) -> dict[IPNetwork, Route]:
+        self._flush_routes()
+        return self.routes.desired
 
     def on_link_up(self, ifname: str) -> None:
         """An interface appeared or came up (from :class:`LinkWatcher`)."""
@@ -176,6 +188,7 @@ class EndpointManager:
             if missing:
                 pending += 1  # retried on the link event
         self._sysctl_dirty = set()
+        self._flush_routes()
         result = self.routes.apply()
         return EndpointApply(result, writes, pending, forwarding)
 

@@ -87,9 +87,32 @@ def detect_backend(mode: str = "auto", runner: Runner = cmd.run) -> str:
     return "legacy" if "legacy" in os.path.basename(target) else "nft"
 
 
-def rule_hash(chain: str, rule: IptRule, occurrence: int) -> str:
-    h = hashlib.blake2b(f"{chain}\0{rule[0]}\0{rule[1]}\0{occurrence}".encode(), digest_size=8)
+def rule_hash(rule: IptRule, occurrence: int) -> str:
+    """The 16-hex identity of a rule: its text and its occurrence number among identical rules of its
+    chain. The chain name is not part of it (a rule's line names its chain), so the many identical
+    endpoint chains share one rendering."""
+    h = hashlib.blake2b(f"{rule[0]}\0{rule[1]}\0{occurrence}".encode(), digest_size=8)
     return h.hexdigest()
+
+
+_CACHE_MAX = 500_000
+_rendered: dict[tuple[IptRule, int], tuple[str, str]] = {}
+
+
+def _render(rule: IptRule, occurrence: int) -> tuple[str, str]:
+    """(hash, line) of a rule, memoised: at scale most rules repeat across endpoint chains."""
+    key = (rule, occurrence)
+    hit = _rendered.get(key)
+    if hit is not None:
+        return hit
+    if len(_rendered) >= _CACHE_MAX:
+        _rendered.clear()
+    h = rule_hash(rule, occurrence)
+    match, target = rule
+    line = f'{match} -m comment --comment "calyx:{h}" {target}' if match else \
+        f'-m comment --comment "calyx:{h}" {target}'
+    _rendered[key] = (h, line)
+    return h, line
 
 
 @dataclass(slots=True)
@@ -98,20 +121,37 @@ class _Chain:
     lines: list[str]  # the rule as written after "-A <chain> "
 
 
-def render_chain(name: str, rules: Sequence[IptRule]) -> _Chain:
+_chains: dict[tuple[IptRule, ...], _Chain] = {}
+
+
+def render_chain(rules: Sequence[IptRule]) -> _Chain:
+    """The hashes and lines of a chain's rules (memoised: identical endpoint chains are common; the
+    result is shared and must not be modified)."""
+    key = tuple(rules)
+    hit = _chains.get(key)
+    if hit is not None:
+        return hit
+    if len(_chains) >= _CACHE_MAX // 8:
+        _chains.clear()
+    chain = _render_chain(key)
+    _chains[key] = chain
+    return chain
+
+
+def _render_chain(rules: Sequence[IptRule]) -> _Chain:
     hashes: list[str] = []
     lines: list[str] = []
-    seen: dict[IptRule, int] = {}
+    seen: dict[IptRule, int] | None = None
     for rule in rules:
-        n = seen.get(rule, 0)
-        seen[rule] = n + 1
-        h = rule_hash(name, rule, n)
-        hashes.append(h)
-        match, target = rule
-        if match:
-            lines.append(f'{match} -m comment --comment "calyx:{h}" {target}')
+        n = 0
+        if seen is None:
+            seen = {rule: 1}
         else:
-            lines.append(f'-m comment --comment "calyx:{h}" {target}')
+            n = seen.get(rule, 0)
+            seen[rule] = n + 1
+        h, line = _render(rule, n)
+        hashes.append(h)
+        lines.append(line)
     return _Chain(hashes, lines)
 
 
@@ -135,7 +175,7 @@ class ApplyStats:
 @dataclass(slots=True)
 class _Plan:
     text: str
-    written: dict[str, list[str]]  # chain -> hashes after the write
+    written: dict[str, Sequence[str | None]]  # chain -> hashes after the write
     deleted: list[str]
     hooks: dict[str, list[tuple[str | None, str]]]
     chains_written: int
@@ -166,7 +206,7 @@ class IptablesTable:
         self._on_restore = on_restore
         self._desired: dict[str, _Chain] = {}
         self._hooks: dict[str, _Chain] = {}
-        self._actual: dict[str, list[str | None]] = {}
+        self._actual: dict[str, Sequence[str | None]] = {}
         self._actual_hooks: dict[str, list[tuple[str | None, str]]] = {}
         self._dirty: set[str] = set()
         self._hooks_dirty = True
@@ -174,10 +214,16 @@ class IptablesTable:
 
     # --- desired state (no I/O) -------------------------------------------------------------------
 
-    def set_chain(self, name: str, rules: Sequence[IptRule]) -> None:
+    def set_chain(self, name: str, rules: Sequence[IptRule], *, head: Sequence[IptRule] = ()) -> None:
+        """Desired rules of chain ``name``: ``head`` then ``rules``. ``rules`` is rendered through a
+        cache shared by every chain, so many chains with the same body cost one rendering; ``head``
+        (rules of this chain alone, e.g. anti-spoofing) must not repeat a rule of ``rules``."""
         if not name.startswith(CHAIN_PREFIX) or len(name) > 28:
             raise ValueError(f"chain {name!r} is not ours or longer than 28 characters")
-        chain = render_chain(name, rules)
+        chain = render_chain(rules)
+        if head:
+            first = _render_chain(head)
+            chain = _Chain(first.hashes + chain.hashes, first.lines + chain.lines)
         old = self._desired.get(name)
         if old is not None and old.hashes == chain.hashes:
             return
@@ -194,7 +240,7 @@ class IptablesTable:
 
     def set_hooks(self, hooks: Mapping[str, Sequence[IptRule]]) -> None:
         """Our rules at the top of built-in chains (``FORWARD``: jump to ``calyx-FORWARD``...)."""
-        new = {name: render_chain(name, rules) for name, rules in hooks.items()}
+        new = {name: render_chain(rules) for name, rules in hooks.items()}
         if {k: v.hashes for k, v in new.items()} != {k: v.hashes for k, v in self._hooks.items()}:
             self._hooks = new
             self._hooks_dirty = True
@@ -244,7 +290,7 @@ class IptablesTable:
                     hooks.setdefault(name, []).append((m.group(1) if m else None, rest))
             elif line.startswith(":" + CHAIN_PREFIX):
                 actual.setdefault(line[1:].split(" ", 1)[0], [])
-        self._actual = actual
+        self._actual = dict(actual)
         self._actual_hooks = hooks
         self._dirty.update(self._desired)
         self._dirty.update(actual)
@@ -256,7 +302,7 @@ class IptablesTable:
         body: list[str] = []
         flush: list[str] = []
         delete: list[str] = []
-        written: dict[str, list[str]] = {}
+        written: dict[str, Sequence[str | None]] = {}
         deleted: list[str] = []
         chains_written = inserted = removed = 0
         for name in sorted(self._dirty):
@@ -273,7 +319,9 @@ class IptablesTable:
             edits = None if have is None else _edits(name, have, want)
             if edits is None or len(edits[0]) > len(want.lines):
                 decl.append(f":{name} - [0:0]")
-                body.extend(f"-A {name} {line}" for line in want.lines)
+                if want.lines:
+                    pre = f"-A {name} "
+                    body.append(pre + ("\n" + pre).join(want.lines))
                 chains_written += 1
                 inserted += len(want.lines)
             else:
@@ -281,7 +329,7 @@ class IptablesTable:
                 body.extend(lines)
                 inserted += n_ins
                 removed += n_del
-            written[name] = list(want.hashes)
+            written[name] = want.hashes  # shared, never mutated
         hooks: dict[str, list[tuple[str | None, str]]] = {}
         if self._hooks_dirty:
             for builtin in sorted(set(self._hooks) | set(self._actual_hooks)):
@@ -353,7 +401,7 @@ class IptablesTable:
             if self._on_restore is not None:
                 self._on_restore(True)
             for name, hashes in plan.written.items():
-                self._actual[name] = list(hashes)
+                self._actual[name] = hashes
             for name in plan.deleted:
                 self._actual.pop(name, None)
             self._actual_hooks.update(plan.hooks)

@@ -37,6 +37,7 @@ at most 31 characters: ``calyx4-s<selector unique_id>`` for selectors (cluster-w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -89,11 +90,13 @@ def _id(name: str, room: int) -> str:
     return "_" + short_hash(name, room - 1)
 
 
+@functools.lru_cache(maxsize=65536)
 def policy_chain(name: str, direction: str) -> str:
     """``calyx-pi-<id>`` (ingress) or ``calyx-po-<id>`` (egress)."""
     return f"calyx-p{'i' if direction == 'ingress' else 'o'}-{_id(name, MAX_CHAIN - 9)}"
 
 
+@functools.lru_cache(maxsize=65536)
 def profile_chain(name: str, direction: str) -> str:
     """``calyx-pri-<id>`` (ingress) or ``calyx-pro-<id>`` (egress)."""
     return f"calyx-pr{'i' if direction == 'ingress' else 'o'}-{_id(name, MAX_CHAIN - 10)}"
@@ -295,36 +298,53 @@ class EndpointPlan:
     profiles: tuple[str, ...]  # profiles that exist, in the endpoint's order
 
 
-def _policy_block(names: Sequence[str], direction: str, profiles: Sequence[str]) -> list[IptRule]:
+@functools.lru_cache(maxsize=16384)
+def _policy_block(names: tuple[str, ...], direction: str, profiles: tuple[str, ...]) -> tuple[IptRule, ...]:
+    """The policy and profile part of an endpoint chain (shared by every endpoint with the same lists).
+
+    After each policy or profile: return if it accepted. After the policies: drop unless one said
+    ``pass`` (only needed when profiles follow). At the end: drop unless accepted; falling off the end
+    of the chain is the accepted case (the caller continues, as after a RETURN).
+    """
     out: list[IptRule] = []
-    if names:
-        for name in names:
-            out.append((_NOT_PASSED, f"-j {policy_chain(name, direction)}"))
-            out.append((_IS_ACCEPTED, "-j RETURN"))
+    jumps: list[IptRule] = [(_NOT_PASSED, f"-j {policy_chain(n, direction)}") for n in names]
+    if names and profiles:
+        for jump in jumps:
+            out += [jump, (_IS_ACCEPTED, "-j RETURN")]
         out.append((_NOT_PASSED, "-j DROP"))  # governed by policy, nothing allowed or passed
-    for name in profiles:
-        out.append(("", f"-j {profile_chain(name, direction)}"))
-        out.append((_IS_ACCEPTED, "-j RETURN"))
-    out.append(("", "-j DROP"))  # default deny
-    return out
+        jumps = []
+    jumps += [("", f"-j {profile_chain(n, direction)}") for n in profiles]
+    for i, jump in enumerate(jumps):
+        out.append(jump)
+        if i < len(jumps) - 1:
+            out.append((_IS_ACCEPTED, "-j RETURN"))
+    out.append((f"-m mark --mark 0x0/{MARK_ACCEPT:#x}", "-j DROP"))  # default deny
+    return tuple(out)
+
+
+def endpoint_chain_parts(plan: EndpointPlan, version: int) -> dict[str, tuple[list[IptRule], tuple[IptRule, ...]]]:
+    """``calyx-tw-<iface>`` and ``calyx-fw-<iface>`` for one endpoint, each as (its own head, the
+    policy/profile block it shares with every endpoint that has the same policies and profiles)."""
+    nets = plan.ipv4_nets if version == 4 else plan.ipv6_nets
+    head: list[IptRule] = []
+    if not nets:
+        fw_block: tuple[IptRule, ...] = (("", "-j DROP"),)  # no address of this family: nothing may leave
+    else:
+        if len(nets) == 1:
+            head.append((f"! -s {nets[0]}", "-j DROP"))
+        else:
+            for n in nets:
+                head.append((f"-s {n}", f"-j MARK --set-xmark {MARK_SRC_OK:#x}/{MARK_SRC_OK:#x}"))
+            head.append((f"-m mark --mark 0x0/{MARK_SRC_OK:#x}", "-j DROP"))
+        fw_block = _policy_block(plan.egress_policies, "egress", plan.profiles)
+    tw_block = _policy_block(plan.ingress_policies, "ingress", plan.profiles)
+    return {to_wl_chain(plan.iface): ([], tw_block), from_wl_chain(plan.iface): (head, fw_block)}
 
 
 def endpoint_chains(plan: EndpointPlan, version: int) -> dict[str, list[IptRule]]:
-    """``calyx-tw-<iface>`` and ``calyx-fw-<iface>`` for one endpoint."""
-    nets = plan.ipv4_nets if version == 4 else plan.ipv6_nets
-    fw: list[IptRule] = []
-    if not nets:
-        fw.append(("", "-j DROP"))  # no address of this family: nothing may leave
-    else:
-        if len(nets) == 1:
-            fw.append((f"! -s {nets[0]}", "-j DROP"))
-        else:
-            for n in nets:
-                fw.append((f"-s {n}", f"-j MARK --set-xmark {MARK_SRC_OK:#x}/{MARK_SRC_OK:#x}"))
-            fw.append((f"-m mark --mark 0x0/{MARK_SRC_OK:#x}", "-j DROP"))
-        fw += _policy_block(plan.egress_policies, "egress", plan.profiles)
-    tw = _policy_block(plan.ingress_policies, "ingress", plan.profiles)
-    return {to_wl_chain(plan.iface): tw, from_wl_chain(plan.iface): fw}
+    """``calyx-tw-<iface>`` (to the workload: ingress) and ``calyx-fw-<iface>`` (from it: anti-spoofing,
+    then egress) for one endpoint."""
+    return {name: head + list(block) for name, (head, block) in endpoint_chain_parts(plan, version).items()}
 
 
 def dispatch_group(iface: str) -> str | None:

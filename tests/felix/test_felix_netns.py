@@ -15,9 +15,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +26,8 @@ import pytest
 from calyx import selector
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
-from calyx.kernel.netns import socket_in
 from felix import rules
+from tests.felix.relay import Relay
 from tests.fixtures.etcd import EtcdMember
 from tests.fixtures.netns import Netns, netns_session
 
@@ -57,46 +55,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
         time.sleep(0.1)
-
-
-class Relay:
-    """127.0.0.1:2379 inside a namespace, relayed to etcd on the machine's loopback."""
-
-    def __init__(self, ns: str, upstream_port: int) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket_in(ns)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 2379))
-        self.listener.listen(64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(self.upstream, timeout=2)
-                upstream.settimeout(None)
-            except OSError:
-                return
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class Lab:

@@ -199,7 +199,7 @@ def test_removed_endpoint_loses_chains_and_falls_to_fail_closed() -> None:
     assert rules.to_wl_chain("calib0000002") not in t.chain_names
     assert rules.from_wl_chain("calib0000002") not in t.chain_names
     assert w.forward(A_IP, B_IP, "calia0000001", "calib0000002") == "DROP"
-    assert w.dp.endpoints.routes.desired.keys() == {ipaddress.ip_network(A_IP)}
+    assert w.dp.endpoints.desired_routes.keys() == {ipaddress.ip_network(A_IP)}
 
 
 def test_ipv6_rendering_uses_icmpv6_and_v6_sets() -> None:
