@@ -11,6 +11,9 @@ APT_PACKAGES=(
   iproute2 iptables ipset            # the dataplane felix programs
   iputils-ping tcpdump netcat-openbsd procps psmisc openssl
   bird2 frr                          # BGP peers, ToRs and route reflectors in tests and labs
+  golang-go golang-github-appc-cni-dev   # to build cnitool (scripts/build-cnitool.sh)
+  containernetworking-plugins        # reference CNI plugins (portmap, tuning, bandwidth, host-local)
+  podman runc containerd busybox-static   # real runtimes for the CNI tests
   user-mode-linux kmod               # IP-in-IP tests run in UML (this host kernel has no ipip)
 )
 
@@ -45,3 +48,4 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/python --version), $(etcd --version 2>/dev/null | head -1))"
+scripts/build-cnitool.sh >/dev/null || echo "setup: cnitool could not be built (CNI client tests will be skipped)" >&2
