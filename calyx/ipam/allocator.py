@@ -71,6 +71,8 @@ class IPAM:
         self.max_attempts = max_attempts
         self._sleep = sleep
         self.conflicts = 0  #: failed compare-and-swaps so far (retried, never surfaced)
+        #: decoded blocks by key with the mod revision they were decoded at (values are immutable)
+        self._block_cache: dict[str, tuple[IPAMBlock, int]] = {}
 
     # --- reading ---
 
@@ -83,10 +85,15 @@ class IPAM:
         kvs, _ = self.store.get_prefix(keys.IPAM_BLOCKS_PREFIX)
         out: dict[IPNetwork, tuple[IPAMBlock, int]] = {}
         bad: set[IPNetwork] = set()
+        cache = self._block_cache
         for kv in kvs:
+            hit = cache.get(kv.key)
+            if hit is not None and hit[1] == kv.mod_revision:  # unchanged since last read: skip decoding
+                out[hit[0].cidr] = hit
+                continue
             obj = _decode(kv.key, kv.value)
             if isinstance(obj, IPAMBlock):
-                out[obj.cidr] = (obj, kv.mod_revision)
+                out[obj.cidr] = cache[kv.key] = (obj, kv.mod_revision)
             else:
                 try:
                     bad.add(ipaddress.ip_network(keys.block_cidr(kv.key[len(keys.IPAM_BLOCKS_PREFIX):])))

@@ -210,17 +210,18 @@ WORKER = textwrap.dedent("""
 
 def test_eight_processes_allocate_4000_distinct_addresses(ds: Datastore, etcd: EtcdMember) -> None:
     put(ds, IPPool("big", N("10.128.0.0/16"), 26))
+    nodes = [f"n{i % 4}" for i in range(8)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, etcd.endpoint, f"n{i % 4}", f"w{i}", "500",
+        subprocess.Popen([sys.executable, "-c", WORKER, etcd.endpoint, node, f"w{i}", "500",
                           "http" if i % 2 else "grpc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(8)
+        for i, node in enumerate(nodes)
     ]
-    results = []
+    results: list[tuple[str, list[str]]] = []
     conflicts = 0
-    for p in procs:
+    for node, p in zip(nodes, procs, strict=True):
         out, err = p.communicate(timeout=280)
         assert p.returncode == 0, err
-        results.append((p.args[4], out.split()))  # type: ignore[index]
+        results.append((node, out.split()))
         conflicts += int(err.strip().splitlines()[-1])
     addrs = [a for _, lst in results for a in lst]
     assert len(addrs) == 4000 and len(set(addrs)) == 4000
