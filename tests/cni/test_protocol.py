@@ -198,3 +198,39 @@ def test_status_and_gc(ready: CniHost) -> None:
     assert len([x for x in h.host_links() if x.startswith("cali")]) == len(stale_if) - 1
     assert "eth0" not in [link["ifname"] for link in c2.ip_json("link", "show")]  # went with the host veth
     assert "eth0" in [link["ifname"] for link in c1.ip_json("link", "show")]
+
+
+def test_dual_stack(cni_host: CniHost) -> None:
+    h = cni_host
+    h.put(IPPool("v4", N("10.74.0.0/24"), 26))
+    h.put(IPPool("v6", N("fd00:74::/120"), 122))
+    # IPv6 forwarding is global only (the per-interface flag does not route): felix's business on a
+    # real host, the test's own namespace here.
+    h.host.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+    ds_conf = conf(h, ipam={"type": "calyx-ipam", "assign_ipv6": True})
+    c1, c2 = h.new_netns(), h.new_netns()
+    results = []
+    for cid, ns in (("d1", c1), ("d2", c2)):
+        rc, out = h.plugin("calyx", "ADD", ds_conf, container_id=cid, netns=ns.path)
+        assert rc == 0, out
+        results.append(out)
+    r1, r2 = results
+    assert [ipaddress.ip_interface(ip["address"]).network.prefixlen for ip in r1["ips"]] == [32, 128]
+    assert {"dst": "::/0", "gw": "fe80::1"} in r1["routes"]
+    v6_1 = r1["ips"][1]["address"].split("/")[0]
+    v6_2 = r2["ips"][1]["address"].split("/")[0]
+    routes6 = c1.ip_json("-6", "route", "show", "default")
+    assert routes6 and routes6[0]["gateway"] == "fe80::1"
+    host_if = r1["interfaces"][0]["name"]
+    assert any(a["local"] == "fe80::1" for a in h.host.ip_json("addr", "show", "dev", host_if)[0]["addr_info"])
+    out = c1.run("ping", "-6", "-c", "1", "-W", "3", v6_2)
+    assert "1 received" in out, out
+    ep = json.loads(h.ds.get(keys.workload_key(h.node, "cni", "d1", "eth0")).value)  # type: ignore[union-attr]
+    assert ep["ipv6_nets"] == [f"{v6_1}/128"]
+    for cid, ns in (("d1", c1), ("d2", c2)):
+        rc, out = h.plugin("calyx", "CHECK", {**ds_conf, "prevResult": r1 if cid == "d1" else r2},
+                           container_id=cid, netns=ns.path)
+        assert rc == 0, out
+        rc, out = h.plugin("calyx", "DEL", ds_conf, container_id=cid, netns=ns.path)
+        assert rc == 0, out
+    assert h.ds.get_prefix(keys.IPAM_HANDLES_PREFIX)[0] == []
