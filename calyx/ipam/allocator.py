@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -30,7 +29,7 @@ from calyx import model
 from calyx.datastore import keys
 from calyx.ipam import logic
 from calyx.ipam.logic import Assignment, IPAMError, RetryLimitError
-from calyx.ipam.store import Delete, Op, Put, Store
+from calyx.ipam.store import Delete, KVLike, Op, Put, Range, Store
 from calyx.model import ClusterConfig, IPAMBlock, IPAMHandle, IPAMReservation, IPPool, ModelError, Node
 from calyx.model.validate import IPAddress, IPNetwork
 
@@ -77,12 +76,17 @@ class IPAM:
     # --- reading ---
 
     def pools(self) -> list[IPPool]:
-        kvs, _ = self.store.get_prefix(keys.IPPOOLS_PREFIX)
+        return self._pools(self.store.get_prefix(keys.IPPOOLS_PREFIX)[0])
+
+    @staticmethod
+    def _pools(kvs: Sequence[KVLike]) -> list[IPPool]:
         return [p for kv in kvs if isinstance(p := _decode(kv.key, kv.value), IPPool)]
 
     def blocks(self) -> tuple[dict[IPNetwork, tuple[IPAMBlock, int]], frozenset[IPNetwork]]:
         """Every block with its mod revision, and the CIDRs of blocks that did not decode."""
-        kvs, _ = self.store.get_prefix(keys.IPAM_BLOCKS_PREFIX)
+        return self._blocks(self.store.get_prefix(keys.IPAM_BLOCKS_PREFIX)[0])
+
+    def _blocks(self, kvs: Sequence[KVLike]) -> tuple[dict[IPNetwork, tuple[IPAMBlock, int]], frozenset[IPNetwork]]:
         out: dict[IPNetwork, tuple[IPAMBlock, int]] = {}
         bad: set[IPNetwork] = set()
         cache = self._block_cache
@@ -103,6 +107,10 @@ class IPAM:
 
     def handle(self, handle_id: str) -> tuple[IPAMHandle, int] | None:
         kv = self.store.get(keys.ipam_handle_key(handle_id))
+        return self._handle(kv, handle_id)
+
+    @staticmethod
+    def _handle(kv: KVLike | None, handle_id: str) -> tuple[IPAMHandle, int] | None:
         if kv is None:
             return None
         obj = _decode(kv.key, kv.value)
@@ -115,16 +123,25 @@ class IPAM:
         }
 
     def reservations(self) -> list[IPAMReservation]:
-        kvs, _ = self.store.get_prefix(keys.IPAM_RESERVATIONS_PREFIX)
+        return self._reservations(self.store.get_prefix(keys.IPAM_RESERVATIONS_PREFIX)[0])
+
+    @staticmethod
+    def _reservations(kvs: Sequence[KVLike]) -> list[IPAMReservation]:
         return [r for kv in kvs if isinstance(r := _decode(kv.key, kv.value), IPAMReservation)]
 
     def node_labels(self, node: str) -> dict[str, str]:
-        kv = self.store.get(keys.node_key(node))
+        return self._labels(self.store.get(keys.node_key(node)), node)
+
+    @staticmethod
+    def _labels(kv: KVLike | None, node: str) -> dict[str, str]:
         obj = _decode(kv.key, kv.value) if kv is not None else None
         return (obj if isinstance(obj, Node) else Node(name=node)).labels_with_name
 
     def strict_affinity(self) -> bool:
-        kv = self.store.get(keys.CLUSTER_CONFIG_KEY)
+        return self._strict(self.store.get(keys.CLUSTER_CONFIG_KEY))
+
+    @staticmethod
+    def _strict(kv: KVLike | None) -> bool:
         obj = _decode(kv.key, kv.value) if kv is not None else None
         return isinstance(obj, ClusterConfig) and obj.strict_affinity
 
@@ -135,6 +152,8 @@ class IPAM:
     # --- writing ---
 
     def _backoff(self, attempt: int) -> None:
+        import random  # only on a conflict: it is not free to import in a CNI plugin's start-up
+
         self.conflicts += 1
         self._sleep(random.uniform(0, min(0.05, 0.001 * (2 ** min(attempt, 6)))))
 
@@ -155,11 +174,16 @@ class IPAM:
         ``addresses`` are fixed addresses to take; a reservation whose ``workload`` is ``workload``
         adds its address. ``pools`` (names or CIDRs) restricts automatic allocation.
         """
-        keys.ipam_handle_key(handle_id)  # validates the name before anything is read
-        all_pools = self.pools()
-        labels = self.node_labels(node)
-        strict = self.strict_affinity()
-        reservations = self.reservations()
+        hkey = keys.ipam_handle_key(handle_id)  # validates the name before anything is read
+        # everything in one read (one round trip and one revision with the HTTP client)
+        pools_kv, node_kv, config_kv, res_kv, blocks_kv, handle_kv = self.store.read([
+            Range(keys.IPPOOLS_PREFIX, True), Range(keys.node_key(node)), Range(keys.CLUSTER_CONFIG_KEY),
+            Range(keys.IPAM_RESERVATIONS_PREFIX, True), Range(keys.IPAM_BLOCKS_PREFIX, True), Range(hkey),
+        ])
+        all_pools = self._pools(pools_kv)
+        labels = self._labels(node_kv[0] if node_kv else None, node)
+        strict = self._strict(config_kv[0] if config_kv else None)
+        reservations = self._reservations(res_kv)
         reserved = {r.address: r.workload for r in reservations}
         fixed = list(addresses)
         if workload is not None:
@@ -167,8 +191,10 @@ class IPAM:
         attrs = dict(attributes or {})
         attrs.setdefault("node", node)
         for attempt in range(self.max_attempts):
-            blocks, bad = self.blocks()
-            current = self.handle(handle_id)
+            if attempt:
+                blocks_kv, handle_kv = self.store.read([Range(keys.IPAM_BLOCKS_PREFIX, True), Range(hkey)])
+            blocks, bad = self._blocks(blocks_kv)
+            current = self._handle(handle_kv[0] if handle_kv else None, handle_id)
             plan = logic.plan_allocation(
                 handle_id=handle_id,
                 node=node,
@@ -196,7 +222,7 @@ class IPAM:
             handle = IPAMHandle(
                 handle_id, {c: tuple(v) for c, v in handle_blocks.items()}, {**old_attrs, **attrs}
             )
-            ops.append(Put(keys.ipam_handle_key(handle_id), model.encode(handle), current[1] if current else 0))
+            ops.append(Put(hkey, model.encode(handle), current[1] if current else 0))
             if self.store.commit(ops):
                 return plan.assignments
             self._backoff(attempt)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from calyx.ipam.store import Delete, Op, Put, StoreError, StoreKV, StoreUnavailable
+from calyx.ipam.store import Delete, Op, Put, Range, StoreError, StoreKV, StoreUnavailable
 
 __all__ = ["HttpStore"]
 
@@ -277,6 +277,23 @@ class HttpStore:
         reply = self._post("/v3/kv/range", {"key": _b64(raw), "range_end": _b64(_prefix_end(raw))})
         rev = int(reply.get("header", {}).get("revision", 0))
         return [self._kv(kv) for kv in reply.get("kvs") or []], rev
+
+    def read(self, ranges: Sequence[Range]) -> list[list[StoreKV]]:
+        """Every range in one read-only transaction: one round trip, one revision."""
+        ops = []
+        for r in ranges:
+            raw = r.key.encode()
+            req: dict[str, Any] = {"key": _b64(raw)}
+            if r.prefix:
+                req["range_end"] = _b64(_prefix_end(raw))
+            ops.append({"request_range": req})
+        reply = self._post("/v3/kv/txn", {"success": ops})
+        out = []
+        for resp in reply.get("responses") or []:
+            out.append([self._kv(kv) for kv in (resp.get("response_range") or {}).get("kvs") or []])
+        if len(out) != len(ranges):
+            raise StoreError(f"etcd answered {len(out)} of {len(ranges)} reads")
+        return out
 
     def commit(self, ops: Sequence[Op]) -> bool:
         if not ops:

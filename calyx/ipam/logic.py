@@ -13,8 +13,8 @@ its pools is claimed (unless strict affinity forbids it).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
+import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from calyx.model import IPAMBlock, IPPool
@@ -89,8 +89,7 @@ def block_at(pool: IPPool, index: int) -> IPNetwork:
 def start_index(pool: IPPool, node: str) -> int:
     """Where ``node`` starts looking for a free block: a hash of its name, so that nodes claiming
     at the same moment mostly try different blocks instead of all racing for the first."""
-    digest = hashlib.sha256(f"{pool.name}/{node}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % block_count(pool)
+    return zlib.crc32(f"{pool.name}/{node}".encode()) * 2654435761 % block_count(pool)
 
 
 def unclaimed_block(pool: IPPool, claimed: Collection[IPNetwork], node: str) -> IPNetwork | None:

@@ -69,11 +69,21 @@ class Delete(NamedTuple):
 Op = Put | Delete
 
 
+class Range(NamedTuple):
+    """One read of :meth:`Store.read`: a key, or every key under a prefix."""
+
+    key: str
+    prefix: bool = False
+
+
 class Store(Protocol):
     """The datastore operations IPAM and the CNI plugins need."""
 
     def get(self, key: str) -> KVLike | None: ...
     def get_prefix(self, prefix: str) -> tuple[Sequence[KVLike], int]: ...
+    def read(self, ranges: Sequence[Range]) -> list[list[KVLike]]:
+        """Several reads, in order (one round trip, one revision, where the client can)."""
+        ...
     def commit(self, ops: Sequence[Op]) -> bool: ...
     def close(self) -> None: ...
 
@@ -107,6 +117,16 @@ class DatastoreStore:
             raise StoreUnavailable(str(exc)) from exc
         except DatastoreError as exc:
             raise StoreError(str(exc)) from exc
+
+    def read(self, ranges: Sequence[Range]) -> list[list[KVLike]]:
+        out: list[list[KVLike]] = []
+        for r in ranges:
+            if r.prefix:
+                out.append(list(self.get_prefix(r.key)[0]))
+            else:
+                kv = self.get(r.key)
+                out.append([kv] if kv is not None else [])
+        return out
 
     def commit(self, ops: Sequence[Op]) -> bool:
         from calyx.datastore import client

@@ -99,7 +99,7 @@ def test_idempotent_for_a_handle_that_already_holds_an_address() -> None:
 
 def test_reserved_addresses_are_skipped_for_others_and_given_to_their_workload() -> None:
     reserved = {A("10.0.0.0"): "db", A("10.0.0.1"): "web"}
-    [a] = plan(pools=[pool()], reserved=reserved).assignments
+    [a] = plan(pools=[pool(cidr="10.0.0.0/26")], reserved=reserved).assignments  # one block: it starts at .0
     assert a.address == A("10.0.0.2")
     # the reservation's workload gets its address, in a block of another node: a borrowed /32
     other = IPAMBlock(N("10.0.0.0/26"), "node:n2", pool="p")
