@@ -7,7 +7,7 @@ Commands (spec 1.0.0; STATUS and GC of 1.1.0 when the configuration asks for 1.1
   (:mod:`calyx.cni.dataplane`); write the workload endpoint; optionally wait until felix reports
   the endpoint programmed (``readiness_timeout``); print the result. Any failure undoes what was
   done in reverse order (endpoint, veth, IPAM DEL), so a failed ADD leaves nothing behind.
-- **DEL**: delete the endpoint, IPAM DEL, delete the host veth. Each step tolerates its object being
+- **DEL**: delete the host veth, the endpoint, then IPAM DEL. Each step tolerates its object being
   gone, CNI_NETNS may be empty or stale and the IPAM plugin may be missing: DEL is idempotent.
 - **CHECK**: the veth, addresses, default route and host routes of ``prevResult`` are in place, the
   endpoint exists with those addresses, and the IPAM plugin's CHECK passes.
@@ -28,10 +28,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from calyx.cni import spec
+from calyx.cni.ipam_plugin import errors_translated
 from calyx.cni.netconf import Cluster, Identity, PluginConf, cluster_from, identity, plugin_conf
 from calyx.cni.spec import CNIError, Env, NetConf
 
@@ -104,10 +105,13 @@ def _endpoint(cluster: Cluster, ident: Identity, pc: PluginConf, nets: list[IPNe
         raise CNIError(spec.INVALID_CONFIG, f"workload endpoint: {exc}") from None
 
 
-def _store_errors() -> Any:
-    from calyx.cni.ipam_plugin import errors_translated
-
-    return errors_translated()
+def _quietly(undo: Callable[[], object]) -> None:
+    """One step of a rollback: its own failure must not hide the error being reported (the runtime's
+    DEL, and ``calyxctl ipam check --fix`` for the datastore, clean up what is left)."""
+    try:
+        undo()
+    except Exception as exc:
+        print(f"calyx: rollback step failed: {exc}", file=sys.stderr)
 
 
 def _wait_ready(store: Any, cluster: Cluster, ident: Identity, timeout: float, poll: float) -> None:
@@ -156,24 +160,21 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
             key = model.key_of(ep)
             store = cluster.store()
             try:
-                with _store_errors():
+                with errors_translated():
                     store.commit([Put(key, model.encode(ep), None)])
                     try:
                         if pc.readiness_timeout > 0:
                             _wait_ready(store, cluster, ident, pc.readiness_timeout, pc.readiness_poll)
                     except BaseException:
-                        store.commit([Delete(key, None)])
+                        _quietly(lambda: store.commit([Delete(key, None)]))
                         raise
             finally:
                 store.close()
         except BaseException:
-            dataplane.teardown(ident.host_iface)
+            _quietly(lambda: dataplane.teardown(ident.host_iface))
             raise
     except BaseException:
-        try:
-            _ipam(nc, env, "DEL")
-        except CNIError:
-            pass  # the original error is the one to report; DEL from the runtime will retry
+        _quietly(lambda: _ipam(nc, env, "DEL"))
         raise
     result: dict[str, Any] = {
         "interfaces": [
@@ -189,6 +190,7 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
 
 
 def cmd_del(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
+    """Kernel first (always possible, even with etcd down), then the endpoint, then IPAM."""
     from calyx.cni import dataplane
     from calyx.datastore import keys
     from calyx.ipam.store import Delete
@@ -196,9 +198,10 @@ def cmd_del(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
     pc = plugin_conf(nc, env)
     ident = identity(env, pc.orchestrator)
     cluster = cluster_from(nc.raw, environ=environ)
+    dataplane.teardown(ident.host_iface)
     store = cluster.store()
     try:
-        with _store_errors():
+        with errors_translated():
             store.commit([Delete(keys.workload_key(cluster.node_name, ident.orchestrator, ident.workload,
                                                    ident.endpoint), None)])
     finally:
@@ -210,7 +213,6 @@ def cmd_del(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
         except CNIError as exc:
             if not (exc.code == spec.DELEGATE_ERROR and "was not found" in exc.msg):
                 raise
-    dataplane.teardown(ident.host_iface)
 
 
 def cmd_check(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
@@ -228,7 +230,7 @@ def cmd_check(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
     key = keys.workload_key(cluster.node_name, ident.orchestrator, ident.workload, ident.endpoint)
     store = cluster.store()
     try:
-        with _store_errors():
+        with errors_translated():
             kv = store.get(key)
     finally:
         store.close()
@@ -277,7 +279,7 @@ def cmd_gc(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
     cluster = cluster_from(nc.raw, environ=environ)
     store = cluster.store()
     try:
-        with _store_errors():
+        with errors_translated():
             for h, _ in IPAM(store).handles().values():
                 a = h.attributes
                 if a.get("network") != nc.name or a.get("node") != cluster.node_name:
