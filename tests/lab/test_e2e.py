@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from calyx import model
+from calyx.datastore import keys
 from calyx.lab import fabric
 from calyx.lab.convergence import probe
 from calyx.lab.runner import Lab, ping_counts
@@ -205,22 +207,37 @@ def test_reachability_through_route_reflectors(reflectors: Lab) -> None:
 
 
 def test_either_reflector_alone_is_enough(reflectors: Lab) -> None:
+    """With one reflector down, the other alone carries routes, including ones announced meanwhile (a
+    workload from a pool of /32 blocks: its address must travel through the remaining reflector)."""
     wait_until(lambda: _all_reach(reflectors), 30, "a full ping matrix")
+    reflectors.apply_text("kind: IPPool\nname: rr-pool\nspec: {cidr: 10.71.0.0/24, block_size: 32}\n")
+
+    def new_workload_reachable(name: str, host: str) -> None:
+        ws = reflectors.add_workload(Workload(name, host, {"tenant": "a"}, ("lab",), ("rr-pool",)))
+        assert ws.ip is not None and ws.ip.startswith("10.71.0.")
+        wait_until(lambda: reflectors.ping("w-h1", str(ws.ip)), 20, f"{name} on {host} reachable from h1")
+
     # BIRD stopped cleanly (it sends a Cease, so the hosts drop its routes at once): rr1 alone
     reflectors.stop_router("rr2")
     try:
         time.sleep(1)
         wait_until(lambda: _all_reach(reflectors), 30, "reachability with only the Calyx reflector")
+        new_workload_reachable("via-rr1", "h3")
     finally:
         reflectors.start_router("rr2")
     reflectors.wait_ready(timeout=60)
     wait_until(lambda: _all_reach(reflectors), 30, "reachability with both reflectors")
     # rr1's bgpd stopped: with graceful restart the clients keep its routes as stale until the
-    # restart time (20 s in this lab) runs out; after that only BIRD's routes are left
+    # restart time (10 s in this lab) runs out; after that only BIRD's routes are left
+    kv = reflectors.datastore().get(keys.CLUSTER_CONFIG_KEY)
+    assert kv is not None
+    cluster = model.decode(kv.key, kv.value)
+    assert isinstance(cluster, model.ClusterConfig)
     reflectors.stop_daemon("rr1", "bgpd")
     try:
-        time.sleep(20 + 3)
+        time.sleep(cluster.graceful_restart_time + 3)
         wait_until(lambda: _all_reach(reflectors), 30, "reachability with only the BIRD reflector")
+        new_workload_reachable("via-rr2", "h4")
     finally:
         reflectors.start_daemon("rr1", "bgpd")
     reflectors.wait_ready(timeout=60)
