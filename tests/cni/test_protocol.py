@@ -234,3 +234,19 @@ def test_dual_stack(cni_host: CniHost) -> None:
         rc, out = h.plugin("calyx", "DEL", ds_conf, container_id=cid, netns=ns.path)
         assert rc == 0, out
     assert h.ds.get_prefix(keys.IPAM_HANDLES_PREFIX)[0] == []
+
+
+def test_del_with_etcd_down_still_cleans_the_host(ready: CniHost) -> None:
+    h = ready
+    c = h.new_netns()
+    rc, out = h.plugin("calyx", "ADD", conf(h), container_id="down", netns=c.path)
+    assert rc == 0, out
+    host_if = out["interfaces"][0]["name"]
+    dead = {**conf(h), "etcd_endpoints": [f"unix://{h.root}/no-etcd.sock"]}
+    rc, out = h.plugin("calyx", "DEL", dead, container_id="down", netns=c.path)
+    assert rc == 1 and out["code"] == 11, out  # the runtime retries
+    assert host_if not in h.host_links()
+    rc, out = h.plugin("calyx", "DEL", conf(h), container_id="down", netns=c.path)  # the retry finishes
+    assert rc == 0, out
+    assert h.ds.get(keys.ipam_handle_key("net1.down")) is None
+    assert h.ds.get(keys.workload_key(h.node, "cni", "down", "eth0")) is None
