@@ -158,8 +158,11 @@ def status_cmd(obj: Context, lab_name: str | None) -> None:
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def exec_cmd(lab_name: str, node: str, argv: tuple[str, ...]) -> None:
-    """Run a command inside NODE (a node or a workload) of LAB, e.g. `calyxctl lab exec two-racks tor1
-    vtysh -c 'show ip bgp'` or `... h1a calyxctl node status`."""
+    """Run a command inside NODE (a node or a workload) of LAB.
+
+    Examples: `calyxctl lab exec two-racks tor1 vtysh -c 'show ip bgp'`,
+    `calyxctl lab exec two-racks h1a calyxctl node status` (hosts get their CALYX_* environment).
+    """
     _need_root()
     the_lab = _attach(lab_name)
     try:
