@@ -46,11 +46,23 @@ class Cluster(NamedTuple):
     etcd_timeout: float = 5.0
 
     def store(self) -> Any:
-        """An :class:`~calyx.ipam.etcdhttp.HttpStore` for this cluster."""
+        """A store for this cluster: etcd's JSON gateway (:class:`~calyx.ipam.etcdhttp.HttpStore`,
+        fast to start), falling back to the gRPC client when the gateway cannot serve (see
+        :class:`~calyx.ipam.store.GatewayUnavailable`)."""
         from calyx.ipam.etcdhttp import HttpStore
+        from calyx.ipam.store import FallbackStore
 
-        return HttpStore(self.etcd_endpoints, ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key,
+        def grpc() -> Any:
+            from calyx.datastore.client import Datastore
+            from calyx.ipam.store import DatastoreStore
+
+            return DatastoreStore(Datastore(self.etcd_endpoints, ca=self.etcd_ca, cert=self.etcd_cert,
+                                            key=self.etcd_key, username=self.etcd_username,
+                                            password=self.etcd_password, timeout=self.etcd_timeout))
+
+        fast = HttpStore(self.etcd_endpoints, ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key,
                          username=self.etcd_username, password=self.etcd_password, timeout=self.etcd_timeout)
+        return FallbackStore(fast, grpc)
 
 
 def cluster_from(*sections: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Cluster:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from calyx.ipam.store import Delete, Op, Put, Range, StoreError, StoreKV, StoreUnavailable
+from calyx.ipam.store import Delete, GatewayUnavailable, Op, Put, Range, StoreError, StoreKV, StoreUnavailable
 
 __all__ = ["HttpStore"]
 
@@ -245,6 +245,11 @@ class HttpStore:
             if auth and attempt == 1 and self._username is not None and "token" in message:
                 self._authenticate()
                 continue
+            if status == 503 and message == "connection closed":
+                raise GatewayUnavailable(
+                    f"etcd's JSON gateway cannot reach etcd's gRPC service ({message}): with client-cert-auth "
+                    f"the server certificate must also allow clientAuth"
+                )
             if status in (502, 503, 504):
                 raise StoreUnavailable(f"etcd {path}: {message}")
             raise StoreError(f"etcd {path} (HTTP {status}): {message}")

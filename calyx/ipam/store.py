@@ -17,11 +17,13 @@ returns False when an expectation failed (the caller re-reads and retries).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from calyx.datastore.client import Datastore
+
+_T = TypeVar("_T")
 
 
 class StoreError(Exception):
@@ -30,6 +32,12 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):  # noqa: N818 (mirrors datastore.client.Unavailable)
     """No etcd member could be reached: retry later."""
+
+
+class GatewayUnavailable(StoreUnavailable):
+    """etcd answered, but its JSON gateway could not reach etcd's own gRPC service. Seen with
+    ``--client-cert-auth`` when the server certificate lacks the ``clientAuth`` usage: the gateway
+    presents it to itself. The request never reached the key-value store."""
 
 
 class KVLike(Protocol):
@@ -81,11 +89,48 @@ class Store(Protocol):
 
     def get(self, key: str) -> KVLike | None: ...
     def get_prefix(self, prefix: str) -> tuple[Sequence[KVLike], int]: ...
-    def read(self, ranges: Sequence[Range]) -> list[list[KVLike]]:
+    def read(self, ranges: Sequence[Range]) -> Sequence[Sequence[KVLike]]:
         """Several reads, in order (one round trip, one revision, where the client can)."""
         ...
     def commit(self, ops: Sequence[Op]) -> bool: ...
     def close(self) -> None: ...
+
+
+class FallbackStore:
+    """A :class:`Store` that starts with a fast client (the HTTP gateway) and switches for good to a
+    second one (gRPC) when the first reports :class:`GatewayUnavailable`. Safe: the failed request
+    never reached the key-value store."""
+
+    def __init__(self, fast: Store, make_slow: Callable[[], Store]) -> None:
+        self._store = fast
+        self._make_slow = make_slow
+        self._switched = False
+
+    def _call(self, fn: Callable[[Store], _T]) -> _T:
+        try:
+            return fn(self._store)
+        except GatewayUnavailable:
+            if self._switched:
+                raise
+            self._store.close()
+            self._store = self._make_slow()
+            self._switched = True
+            return fn(self._store)
+
+    def get(self, key: str) -> KVLike | None:
+        return self._call(lambda s: s.get(key))
+
+    def get_prefix(self, prefix: str) -> tuple[Sequence[KVLike], int]:
+        return self._call(lambda s: s.get_prefix(prefix))
+
+    def read(self, ranges: Sequence[Range]) -> Sequence[Sequence[KVLike]]:
+        return self._call(lambda s: s.read(ranges))
+
+    def commit(self, ops: Sequence[Op]) -> bool:
+        return self._call(lambda s: s.commit(ops))
+
+    def close(self) -> None:
+        self._store.close()
 
 
 class DatastoreStore:
@@ -118,7 +163,7 @@ class DatastoreStore:
         except DatastoreError as exc:
             raise StoreError(str(exc)) from exc
 
-    def read(self, ranges: Sequence[Range]) -> list[list[KVLike]]:
+    def read(self, ranges: Sequence[Range]) -> Sequence[Sequence[KVLike]]:
         out: list[list[KVLike]] = []
         for r in ranges:
             if r.prefix:
