@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from calyx.datastore import keys
-from calyx.model import EndpointStatus, IPPool, Node
+from calyx.model import EndpointStatus, IPAMReservation, IPPool, Node
 from tests.fixtures.cni import CniHost
 
 pytestmark = [pytest.mark.privileged, pytest.mark.etcd]
@@ -250,3 +250,27 @@ def test_del_with_etcd_down_still_cleans_the_host(ready: CniHost) -> None:
     assert rc == 0, out
     assert h.ds.get(keys.ipam_handle_key("net1.down")) is None
     assert h.ds.get(keys.workload_key(h.node, "cni", "down", "eth0")) is None
+
+
+def test_fixed_addresses_through_cni(ready: CniHost) -> None:
+    h = ready
+    h.put(IPAMReservation("web", ipaddress.ip_address("10.71.0.200"), "web"))
+    c1 = h.new_netns()
+    rc, out = h.plugin("calyx", "ADD", conf(h), container_id="web-1", netns=c1.path, args="K8S_POD_NAME=web")
+    assert rc == 0 and out["ips"][0]["address"] == "10.71.0.200/32", out
+    # the workload restarts on another host: after DEL it gets the same address there, a borrowed /32
+    rc, out = h.plugin("calyx", "DEL", conf(h), container_id="web-1", netns=c1.path, args="K8S_POD_NAME=web")
+    assert rc == 0, out
+    other = conf(h, node_name="h2")
+    c2 = h.new_netns()
+    rc, out = h.plugin("calyx", "ADD", other, container_id="web-2", netns=c2.path, args="K8S_POD_NAME=web")
+    assert rc == 0 and out["ips"][0]["address"] == "10.71.0.200/32", out
+    assert h.ds.get(keys.workload_key("h2", "cni", "web", "eth0")) is not None
+    block = json.loads(h.ds.get(keys.ipam_block_key("10.71.0.192/26")).value)  # type: ignore[union-attr]
+    assert block["affinity"] == f"node:{h.node}" and block["allocations"][8] == "net1.web-2"
+    # another workload never gets the reserved address; IP= in CNI_ARGS asks for a fixed one
+    rc, out = h.plugin("calyx", "ADD", conf(h), container_id="ip-arg", netns=h.new_netns().path,
+                       args="IgnoreUnknown=1;IP=10.71.0.150")
+    assert rc == 0 and out["ips"][0]["address"] == "10.71.0.150/32", out
+    expect_error(h, 101, "reserved for workload 'web'", "ADD", conf(h), container_id="thief",
+                 netns=h.new_netns().path, args="IP=10.71.0.200")
