@@ -274,3 +274,24 @@ def test_fixed_addresses_through_cni(ready: CniHost) -> None:
     assert rc == 0 and out["ips"][0]["address"] == "10.71.0.150/32", out
     expect_error(h, 101, "reserved for workload 'web'", "ADD", conf(h), container_id="thief",
                  netns=h.new_netns().path, args="IP=10.71.0.200")
+
+
+def test_cluster_from_environment_and_config_file(ready: CniHost) -> None:
+    """What the network configuration leaves out comes from CALYX_* and the configuration file.
+    (calyx.config accepts only TCP endpoints, so the unix socket this test's etcd listens on stays in
+    the network configuration and the node name comes from elsewhere.)"""
+    h = ready
+    no_node = {k: v for k, v in conf(h).items() if k != "node_name"}
+    toml = h.root / "calyx.toml"
+    toml.write_text('[cni]\nnode_name = "from-file"\n')
+    rc, out = h.plugin("calyx", "ADD", no_node, container_id="f1", netns=h.new_netns().path,
+                       env={"CALYX_CONFIG": str(toml)})
+    assert rc == 0, out
+    assert h.ds.get(keys.workload_key("from-file", "cni", "f1", "eth0")) is not None
+    rc, out = h.plugin("calyx", "ADD", no_node, container_id="e1", netns=h.new_netns().path,
+                       env={"CALYX_CONFIG": str(toml), "CALYX_NODE_NAME": "from-env"})
+    assert rc == 0, out
+    assert h.ds.get(keys.workload_key("from-env", "cni", "e1", "eth0")) is not None
+    toml.write_text('node_name = "bad name!"\n')
+    expect_error(h, 7, "Calyx configuration", "ADD", no_node, container_id="e2", netns=h.new_netns().path,
+                 env={"CALYX_CONFIG": str(toml)})
