@@ -443,7 +443,7 @@ class BgpDaemon:
         self.fib.resync()
         adopted = self.fib.adopt()
         if adopted:
-            log.info("adopted %d routes already in the kernel (protocol 79); kept until re-learned", adopted)
+            log.info("adopted %d routes already in the kernel (protocol 79); kept until the RIB is complete", adopted)
         assert self.ds is not None
         syncer = AsyncSyncer(self.ds, _prefixes(self.cfg), model.decode, name="bgpd")
         syncer.start()

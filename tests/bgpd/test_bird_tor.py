@@ -8,6 +8,11 @@ Topology (one per module; every namespace and process is removed at the end)::
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from calyx.datastore import keys
+from calyx.kernel.netns import socket_in
 from tests.bgpd.topo import (
     Bgpd,
     Cluster,
@@ -147,6 +154,85 @@ def test_peer_shutdown_removes_routes_and_flaps_do_not_crash(topo: Topo) -> None
     wait_established(topo.cluster, "h2", ["10.10.2.0"], topo.bgpd2)
 
 
+def _helper_pid(topo: Topo) -> int | None:
+    exa = topo.bgpd1.exabgp_pid()
+    if exa is None:
+        return None
+    for child in topo.bgpd1.children(exa):
+        with contextlib.suppress(OSError):
+            if b"bgpd.helper" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+    return None
+
+
+def test_helper_respawn_relearns_state(topo: Topo) -> None:
+    """ExaBGP respawns a dead API helper and replays nothing: bgpd reads its Adj-RIBs back."""
+    helper = wait_for(lambda: _helper_pid(topo), 10, "the API helper")
+    exa = topo.bgpd1.exabgp_pid()
+    os.kill(helper, signal.SIGKILL)
+    wait_for(lambda: "re-learned state after helper respawn" in topo.bgpd1.log.read_text(), 30, "re-learning")
+    assert topo.bgpd1.exabgp_pid() == exa  # the same ExaBGP, sessions kept
+    assert topo.bird.established("h1")
+    wait_route(topo.h1, "10.65.2.0/26", ["10.10.1.0"])
+    topo.cluster.block("10.65.4.0/26", "h1")  # announcements and withdraws still work afterwards
+    wait_route(topo.h2, "10.65.4.0/26", ["10.10.2.0"])
+    topo.cluster.delete_block("10.65.4.0/26")
+    wait_route(topo.h2, "10.65.4.0/26", None)
+    topo.cluster.block("10.65.5.0/26", "h2")  # and so does learning
+    wait_route(topo.h1, "10.65.5.0/26", ["10.10.1.0"])
+    topo.cluster.delete_block("10.65.5.0/26")
+    wait_route(topo.h1, "10.65.5.0/26", None)
+
+
+def _bgp(msg_type: int, body: bytes) -> bytes:
+    return b"\xff" * 16 + struct.pack("!HB", 19 + len(body), msg_type) + body
+
+
+def _open(asn: int, router_id: str) -> bytes:
+    caps = bytes([1, 4, 0, 1, 0, 1]) + bytes([65, 4]) + struct.pack("!I", asn)
+    params = bytes([2, len(caps)]) + caps
+    return _bgp(1, struct.pack("!BHH4sB", 4, asn, 30, socket.inet_aton(router_id), len(params)) + params)
+
+
+def test_garbage_from_a_peer_does_not_crash_bgpd(topo: Topo) -> None:
+    """A configured peer that sends junk, and one that opens a session then sends a malformed UPDATE."""
+    with netns_session() as make:
+        junk = make()
+        create_veth(topo.h1, junk, "10.10.9.1/31", "10.10.9.0/31", name_a="j0", name_b="j0")
+        junk.ip("route", "add", "10.10.1.1/32", "via", "10.10.9.1")
+        topo.cluster.peer("junk", peer_ip="10.10.9.0", as_number=65010, node="h1", hold_time=30)
+        wait_for(lambda: "10.10.9.0" in topo.cluster.peer_status("h1"), 20, "the junk peer configured")
+        for attempt in range(4):
+            sock = socket_in(junk.name, socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            try:
+                sock.bind(("10.10.9.0", 0))
+                sock.connect(("10.10.1.1", 179))
+                if attempt % 2:
+                    sock.sendall(b"\x00GARBAGE" * 100)
+                else:
+                    sock.sendall(_open(65010, "10.10.9.0"))
+                    sock.recv(4096)
+                    sock.sendall(_bgp(4, b""))  # keepalive
+                    bad_attrs = bytes([0x40, 1, 5, 0, 0, 0, 0, 0]) + bytes([0x40, 3, 4]) + socket.inet_aton("10.10.9.0")
+                    sock.sendall(_bgp(2, struct.pack("!H", 0) + struct.pack("!H", len(bad_attrs)) + bad_attrs
+                                      + bytes([24, 10, 55, 1])))
+                with contextlib.suppress(OSError):
+                    sock.recv(4096)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            time.sleep(0.5)
+        assert topo.bgpd1.alive, topo.bgpd1.log_tail()
+        assert topo.cluster.peer_status("h1")["10.10.9.0"]["state"] != "established"
+        assert "10.55.1.0/24" not in kernel_routes(topo.h1)
+        topo.cluster.ds.delete(keys.bgp_peer_key("junk"))
+        wait_for(lambda: "10.10.9.0" not in topo.cluster.peer_status("h1"), 20, "the junk peer removed")
+    assert topo.bird.established("h1")
+    wait_established(topo.cluster, "h1", ["10.10.1.0"], topo.bgpd1)
+
+
 def _watch_no_gap(topo: Topo, action: str) -> None:
     """Kill ExaBGP or bgpd on h1 under a ping from h2; the ToR and both kernels must keep the routes."""
     assert ping_ok(topo.h2, "10.65.2.1", "10.65.1.1")
@@ -155,9 +241,6 @@ def _watch_no_gap(topo: Topo, action: str) -> None:
     old_exabgp = topo.bgpd1.exabgp_pid()
     assert old_exabgp is not None
     if action == "exabgp":
-        import os
-        import signal
-
         os.kill(old_exabgp, signal.SIGKILL)
     else:
         topo.bgpd1.kill()
