@@ -117,7 +117,7 @@ class Rib:
         self.local = local
         self.peers: dict[str, PeerInfo] = {}
         self._state: dict[str, _PeerState] = {}
-        self._by_prefix: dict[str, dict[str, Path]] = {}
+        self._one_hop: dict[str, tuple[str, ...]] = {}  # next hop → (next hop,), shared by selections
         self._selected: dict[str, Selection] = {}
         self._dirty: set[str] = set()
 
@@ -126,7 +126,8 @@ class Rib:
     def set_local(self, local: LocalInfo) -> None:
         if local != self.local:
             self.local = local
-            self._dirty.update(self._by_prefix)
+            for st in self._state.values():
+                self._dirty.update(st.paths)
 
     def set_peer(self, info: PeerInfo) -> None:
         old = self.peers.get(info.address)
@@ -181,20 +182,13 @@ class Rib:
         accepted = 0
         limit = info.max_prefixes
         paths = st.paths
-        by_prefix = self._by_prefix
         dirty = self._dirty
         for prefix in prefixes:
             if limit is not None and prefix not in paths and len(paths) >= limit:
                 st.over_limit = True
                 st.rejected += 1
                 continue
-            path = Path(peer, next_hop, attrs)
-            paths[prefix] = path
-            cands = by_prefix.get(prefix)
-            if cands is None:
-                by_prefix[prefix] = {peer: path}
-            else:
-                cands[peer] = path
+            paths[prefix] = Path(peer, next_hop, attrs)
             dirty.add(prefix)
             accepted += 1
         return accepted
@@ -208,11 +202,6 @@ class Rib:
                 self._drop(peer, prefix)
 
     def _drop(self, peer: str, prefix: str) -> None:
-        cands = self._by_prefix.get(prefix)
-        if cands is not None:
-            cands.pop(peer, None)
-            if not cands:
-                del self._by_prefix[prefix]
         self._dirty.add(prefix)
 
     def replace_peer(self, peer: str, routes: Mapping[str, tuple[Attrs, str]]) -> None:
@@ -289,22 +278,29 @@ class Rib:
         st = self._state.get(peer)
         return dict(st.paths) if st else {}
 
-    def prefixes(self) -> Iterable[str]:
-        return self._by_prefix.keys()
+    def prefixes(self) -> set[str]:
+        out: set[str] = set()
+        for st in self._state.values():
+            out.update(st.paths)
+        return out
 
     def take_dirty(self) -> set[str]:
         """Prefixes whose selection may have changed since the last call (and reselect them)."""
         dirty, self._dirty = self._dirty, set()
-        by_prefix, selected, select = self._by_prefix, self._selected, self._select
+        selected, select, one_hop = self._selected, self._select, self._one_hop
+        tables = [st.paths for st in self._state.values()]
         for prefix in dirty:
-            cands = by_prefix.get(prefix)
+            cands = [path for t in tables if (path := t.get(prefix)) is not None]
             if not cands:
                 selected.pop(prefix, None)
             elif len(cands) == 1:
-                for p in cands.values():
-                    selected[prefix] = Selection(p, (p.next_hop,))
+                p = cands[0]
+                hops = one_hop.get(p.next_hop)
+                if hops is None:
+                    hops = one_hop[p.next_hop] = (p.next_hop,)
+                selected[prefix] = Selection(p, hops)
             else:
-                selected[prefix] = select(list(cands.values()))
+                selected[prefix] = select(cands)
         return dirty
 
     def selection(self, prefix: str) -> Selection | None:
