@@ -196,6 +196,8 @@ def _open(asn: int, router_id: str) -> bytes:
 
 def test_garbage_from_a_peer_does_not_crash_bgpd(topo: Topo) -> None:
     """A configured peer that sends junk, and one that opens a session then sends a malformed UPDATE."""
+    exa_before = topo.bgpd1.exabgp_pid()
+    since_before = _since(topo.bird, "h1")
     with netns_session() as make:
         junk = make()
         create_veth(topo.h1, junk, "10.10.9.1/31", "10.10.9.0/31", name_a="j0", name_b="j0")
@@ -231,6 +233,17 @@ def test_garbage_from_a_peer_does_not_crash_bgpd(topo: Topo) -> None:
         wait_for(lambda: "10.10.9.0" not in topo.cluster.peer_status("h1"), 20, "the junk peer removed")
     assert topo.bird.established("h1")
     wait_established(topo.cluster, "h1", ["10.10.1.0"], topo.bgpd1)
+    # adding and removing the peer reloaded ExaBGP (SIGUSR1): same process, the ToR session never reset
+    assert topo.bgpd1.exabgp_pid() == exa_before
+    assert _since(topo.bird, "h1") == since_before
+
+
+def _since(bird: Bird, proto: str) -> str:
+    for line in bird.birdc("show", "protocols", proto).splitlines():
+        parts = line.split()
+        if parts and parts[0] == proto:
+            return parts[4]
+    return ""
 
 
 def _watch_no_gap(topo: Topo, action: str) -> None:
