@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,10 +106,15 @@ def topo(etcd: EtcdMember, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             ds.close()
 
 
-def test_sessions_and_status(topo: Topo) -> None:
+def test_sessions_and_status(topo: Topo, etcd: EtcdMember) -> None:
     assert topo.bird.established("h1") and topo.bird.established("h2")
     st = topo.cluster.peer_status("h1")["10.10.1.0"]
     assert st["peer_type"] == "node specific" and st["peer_as"] == 65000 and st["since"]
+    # what an operator sees (calyxctl reads the same leased keys)
+    out = subprocess.run([sys.executable, "-m", "calyx.cli.main", "--etcd-endpoints", etcd.endpoint, "node",
+                          "status", "h1"], capture_output=True, text=True, timeout=60, check=False,
+                         env={**os.environ, "CALYX_CONFIG": "/dev/null"})
+    assert "10.10.1.0" in out.stdout and "node specific" in out.stdout, out.stdout + out.stderr
 
 
 def test_blocks_reach_tor_and_other_host(topo: Topo) -> None:
