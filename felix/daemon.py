@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import time
@@ -53,6 +54,7 @@ PREFIXES = (
     keys.IPAM_BLOCKS_PREFIX,
 )
 RETRY_MIN = 0.1
+PREFETCH_MAX_AGE = 30.0  # an early readback older than this is redone before the first apply
 RETRY_MAX = 30.0
 
 
@@ -184,6 +186,10 @@ class Felix:
         self.leased.start()
         syncer.start()
         links.start()
+        # Read the kernel back while the snapshot loads (reading is allowed before in-sync; writing
+        # and sweeping are not): on nft, iptables-save of a large ruleset takes seconds.
+        prefetch: asyncio.Future[None] | None = loop.run_in_executor(self._executor, self.dataplane.read_back)
+        prefetched_at = time.monotonic()
         stop_task = asyncio.ensure_future(stop.wait())
         next_status = 0.0
         first = True
@@ -210,6 +216,15 @@ class Felix:
                 had_links = self._drain()
                 now = time.monotonic()
                 if self.in_sync:
+                    if prefetch is not None:
+                        try:
+                            await prefetch
+                        except Exception as exc:  # the first apply reads back again
+                            log.warning("early kernel readback failed: %s", exc)
+                            self.dataplane.resync_all()
+                        if time.monotonic() - prefetched_at > PREFETCH_MAX_AGE:
+                            self.dataplane.resync_all()  # too old to trust
+                        prefetch = None
                     if first:
                         for t in self._timers:
                             t.schedule(now)
@@ -235,6 +250,9 @@ class Felix:
                     next_status = now + self.cfg.status_interval
         finally:
             stop_task.cancel()
+            if prefetch is not None:
+                with contextlib.suppress(Exception):
+                    await prefetch
             links.stop()
             await loop.run_in_executor(None, syncer.stop)
             self.leased.stop(revoke=True)

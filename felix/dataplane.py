@@ -16,6 +16,7 @@ other steps still run, so one bad object never blocks the rest of the host.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
@@ -23,10 +24,10 @@ from dataclasses import dataclass, field
 
 from calyx.kernel import cmd
 from felix import rules
-from felix.calc import Calculator, Dirty
+from felix.calc import Calculator, Dirty, IPNet
 from felix.endpoints import EndpointApply, EndpointManager
 from felix.ipsets import IpsetError, IpsetStats, IpsetTable
-from felix.iptables import ApplyStats, IptablesError, IptablesTable
+from felix.iptables import ApplyStats, IptablesError, IptablesTable, split_save
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Dataplane:
         on_restore: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.calc = calc
+        self._runner = runner
         self.versions = versions
         self.endpoints = endpoints if endpoints is not None else EndpointManager()
         self.ipsets = ipsets if ipsets is not None else IpsetTable(runner=runner)
@@ -99,11 +101,12 @@ class Dataplane:
         self.nat = IptablesTable("nat", 4, backend, runner=runner, on_restore=hook("nat4"))
         self._ep_iface: dict[str, str] = {}
         self._iface_users: dict[str, set[str]] = {}
-        self._groups: dict[str | None, set[str]] = {}
+        # per IP version: dispatch group -> interface -> the endpoint's addresses of that version
+        self._groups: dict[int, dict[str | None, dict[str, tuple[IPNet, ...]]]] = {v: {} for v in versions}
         for v, table in self.filter.items():
             table.set_chains(rules.hook_chains(v))
             table.set_hooks(rules.FILTER_HOOKS)
-            table.set_chains(rules.dispatch_root_chains((), ()))
+            table.set_chains(rules.dispatch_root_chains({}, ()))
         self.nat.set_chains(rules.nat_chains())
         self.nat.set_hooks(rules.NAT_HOOKS)
         self._pools_seen = False
@@ -141,8 +144,8 @@ class Dataplane:
                         table.set_chain(cname, chains[cname])
                     else:
                         table.remove_chain(cname)
-        dirty_groups: set[str | None] = set()
-        roots_changed = False
+        dirty_groups: dict[int, set[str | None]] = {v: set() for v in self.filter}
+        roots_changed: dict[int, bool] = dict.fromkeys(self.filter, False)
         for key in dirty.endpoints:
             plan = calc.plan(key)
             old_iface = self._ep_iface.get(key)
@@ -153,17 +156,8 @@ class Dataplane:
                 users.discard(key)
                 if not users:
                     self._iface_users.pop(old_iface, None)
-                    for table in self.filter.values():
-                        table.remove_chain(rules.to_wl_chain(old_iface))
-                        table.remove_chain(rules.from_wl_chain(old_iface))
-                    g = rules.dispatch_group(old_iface)
-                    members = self._groups.get(g)
-                    if members is not None:
-                        members.discard(old_iface)
-                        if not members:
-                            del self._groups[g]
-                            roots_changed = True
-                    dirty_groups.add(g)
+                    for v in self.filter:
+                        self._unprogram(v, old_iface, dirty_groups[v], roots_changed)
             if plan is None:
                 continue
             if not plan.iface.startswith(rules.WORKLOAD_PREFIX):
@@ -176,34 +170,40 @@ class Dataplane:
                             plan.iface, sorted(users | {key}))
             users.add(key)
             for v, table in self.filter.items():
-                for cname, (head, block) in rules.endpoint_chain_parts(plan, v).items():
-                    table.set_chain(cname, block, head=head)
+                if not (plan.ipv4_nets if v == 4 else plan.ipv6_nets):
+                    # No address of this family: the endpoint gets no chains for it, and its interface
+                    # falls to the dispatch chains' final DROP for this family (fail closed).
+                    self._unprogram(v, plan.iface, dirty_groups[v], roots_changed)
+                    continue
+                for cname, block in rules.endpoint_chains(plan, v).items():
+                    table.set_chain(cname, block)
+                g = rules.dispatch_group(plan.iface)
+                groups = self._groups[v]
+                members = groups.get(g)
+                if members is None:
+                    members = groups[g] = {}
+                    roots_changed[v] = True
+                nets = plan.ipv4_nets if v == 4 else plan.ipv6_nets
+                if members.get(plan.iface) != nets:
+                    members[plan.iface] = nets
+                    dirty_groups[v].add(g)
             self.endpoints.set_endpoint(key, plan.iface, plan.ipv4_nets + plan.ipv6_nets)
-            g = rules.dispatch_group(plan.iface)
-            members = self._groups.get(g)
-            if members is None:
-                members = self._groups[g] = set()
-                roots_changed = True
-            if plan.iface not in members:
-                members.add(plan.iface)
-                dirty_groups.add(g)
-        if None in dirty_groups:
-            roots_changed = True
-        for g in dirty_groups:
-            if g is None:
-                continue
-            members = self._groups.get(g)
-            chains = rules.dispatch_group_chains(g, members or ())
-            for table in self.filter.values():
+        for v, table in self.filter.items():
+            groups = self._groups[v]
+            if None in dirty_groups[v]:
+                roots_changed[v] = True
+            for g in dirty_groups[v]:
+                if g is None:
+                    continue
+                members = groups.get(g)
+                chains = rules.dispatch_group_chains(g, members or {})
                 if members:
                     table.set_chains(chains)
                 else:
                     for cname in chains:
                         table.remove_chain(cname)
-        if roots_changed:
-            roots = rules.dispatch_root_chains(self._groups.get(None, ()), [g for g in self._groups if g is not None])
-            for table in self.filter.values():
-                table.set_chains(roots)
+            if roots_changed[v]:
+                table.set_chains(rules.dispatch_root_chains(groups.get(None, {}), [g for g in groups if g is not None]))
         for set_id in dirty.ipsets:
             for v in self.versions:
                 name = rules.ipset_name(set_id, v)
@@ -220,6 +220,59 @@ class Dataplane:
         if dirty.blocks:
             self.endpoints.set_blocks(calc.affine_blocks())
 
+    def _unprogram(self, version: int, iface: str, dirty_groups: set[str | None],
+                   roots_changed: dict[int, bool]) -> None:
+        """Take ``iface``'s chains and dispatch entries out of the ``version`` table."""
+        table = self.filter[version]
+        table.remove_chain(rules.to_wl_chain(iface))
+        table.remove_chain(rules.from_wl_chain(iface))
+        g = rules.dispatch_group(iface)
+        groups = self._groups[version]
+        members = groups.get(g)
+        if members is not None and iface in members:
+            del members[iface]
+            dirty_groups.add(g)
+            if not members:
+                del groups[g]
+                roots_changed[version] = True
+
+    def read_back(self) -> None:
+        """Read the kernel's iptables and ipsets now (no writes). The daemon calls it at start, while
+        the datastore snapshot is still loading, so that the first apply only diffs."""
+        for t in self.tables.values():
+            t.resync()
+        self._read_tables()
+        self.ipsets.readback()
+
+    def _read_tables(self) -> None:
+        """Read back every table that needs it: one ``iptables-save`` per IP version covering all its
+        tables (on nft every save fetches the whole ruleset, whatever ``-t`` says, so one save per
+        table would pay that several times), the versions in parallel."""
+        todo = [t for t in self.tables.values() if t.needs_readback]
+        if not todo:
+            return
+        by_version: dict[int, list[IptablesTable]] = {}
+        for t in todo:
+            by_version.setdefault(t.version, []).append(t)
+
+        def read(tables: list[IptablesTable]) -> None:
+            if len(tables) == 1:
+                tables[0].load_saved(tables[0].save())
+                return
+            sections = split_save(tables[0].save(all_tables=True))
+            for t in tables:
+                t.load_saved(sections.get(t.table, ""))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(by_version)) as pool:
+            list(pool.map(read, by_version.values()))
+
+    def resync_all(self) -> None:
+        """Read everything back at the next apply."""
+        for t in self.tables.values():
+            t.resync()
+        self.ipsets.resync()
+        self.endpoints.resync()
+
     # --- the apply, in its fixed order --------------------------------------------------------------
 
     def apply(self) -> ApplyReport:
@@ -235,6 +288,10 @@ class Dataplane:
                 report.errors.append(f"routes: {report.endpoints.routes.failed} failed")
         except OSError as exc:
             report.errors.append(f"routes: {exc}")
+        try:
+            self._read_tables()
+        except cmd.CommandError as exc:
+            log.debug("parallel iptables readback failed (each table reads back alone): %s", exc)
         for name, table in self.tables.items():
             try:
                 report.iptables[name] = table.apply()

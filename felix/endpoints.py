@@ -215,12 +215,13 @@ class LinkWatcher:
 
     def _main(self) -> None:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
 
         while not self._stop.is_set():
             try:
                 with IPRoute() as ipr:
                     self._ipr = ipr
-                    ipr.bind()
+                    ipr.bind(groups=RTMGRP_LINK)  # links only: not our own route writes
                     while not self._stop.is_set():
                         for msg in ipr.get():
                             if msg.get("event") != "RTM_NEWLINK":

@@ -214,16 +214,12 @@ class IptablesTable:
 
     # --- desired state (no I/O) -------------------------------------------------------------------
 
-    def set_chain(self, name: str, rules: Sequence[IptRule], *, head: Sequence[IptRule] = ()) -> None:
-        """Desired rules of chain ``name``: ``head`` then ``rules``. ``rules`` is rendered through a
-        cache shared by every chain, so many chains with the same body cost one rendering; ``head``
-        (rules of this chain alone, e.g. anti-spoofing) must not repeat a rule of ``rules``."""
+    def set_chain(self, name: str, rules: Sequence[IptRule]) -> None:
+        """Desired rules of chain ``name`` (rendered through a cache shared by every chain, so many
+        chains with the same rules cost one rendering)."""
         if not name.startswith(CHAIN_PREFIX) or len(name) > 28:
             raise ValueError(f"chain {name!r} is not ours or longer than 28 characters")
         chain = render_chain(rules)
-        if head:
-            first = _render_chain(head)
-            chain = _Chain(first.hashes + chain.hashes, first.lines + chain.lines)
         old = self._desired.get(name)
         if old is not None and old.hashes == chain.hashes:
             return
@@ -266,20 +262,30 @@ class IptablesTable:
     def _cmd(self, what: str) -> str:
         return command(self.backend, self.version, what)
 
-    def save(self) -> str:
-        """``iptables-save -t <table>`` (empty when the table does not exist yet)."""
-        res = self._run([self._cmd("save"), "-t", self.table], check=False, timeout=60)
+    def save(self, *, all_tables: bool = False) -> str:
+        """``iptables-save -t <table>`` (empty when the table does not exist yet); ``all_tables``: every
+        table of this IP version (split it with :func:`split_save`)."""
+        args = [self._cmd("save")] if all_tables else [self._cmd("save"), "-t", self.table]
+        res = self._run(args, check=False, timeout=60)
         if res.returncode != 0:
             log.debug("iptables save failed table=%s rc=%d: %s", self.table, res.returncode, res.stderr.strip())
             return ""
         return res.stdout
 
+    @property
+    def needs_readback(self) -> bool:
+        return self._need_readback
+
     def _readback(self) -> None:
+        self.load_saved(self.save())
+
+    def load_saved(self, text: str) -> None:
+        """Take ``iptables-save`` output of this table as the kernel's state (the readback)."""
         actual: dict[str, list[str | None]] = {}
         hooks: dict[str, list[tuple[str | None, str]]] = {}
         hooked = set(self._hooks)
         search = _HASH_RE.search
-        for line in self.save().splitlines():
+        for line in text.splitlines():
             if line.startswith("-A "):
                 name, _, rest = line[3:].partition(" ")
                 if name.startswith(CHAIN_PREFIX):
@@ -476,6 +482,18 @@ def _edits(name: str, have: Sequence[str | None], want: _Chain) -> tuple[list[st
         length += 1
         n_ins += 1
     return lines, n_ins, n_del
+
+
+def split_save(text: str) -> dict[str, str]:
+    """``iptables-save`` output of several tables, split by table name."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = out.setdefault(line[1:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
 
 
 def available(backend: str, version: int) -> bool:

@@ -295,11 +295,12 @@ def test_spoofed_sources_are_dropped(base: Lab) -> None:
         return WORKLOADS["w1"] in lab.udp_sources("w2")
 
     wait_for(genuine_arrives, 5, "the genuine datagrams")
-    chain = rules.from_wl_chain(lab.iface["w1"])
+    # the dispatch rule towards w1's policy matches its address; the rest falls to the final DROP
+    chain = f"calyx-fd-{rules.dispatch_group(lab.iface['w1'])}"
 
     def spoof_drops() -> int:
         out = lab.host.run(f"iptables-{lab.backend}", "-L", chain, "-v", "-n", "-x")
-        return int(next(line for line in out.splitlines() if "DROP" in line).split()[0])
+        return int([line for line in out.splitlines() if "DROP" in line][-1].split()[0])
 
     before = spoof_drops()
     lab.wl["w1"].ip("addr", "add", f"{spoofed}/32", "dev", "eth0")  # the workload claims another address
@@ -309,7 +310,7 @@ def test_spoofed_sources_are_dropped(base: Lab) -> None:
     finally:
         lab.wl["w1"].ip("addr", "del", f"{spoofed}/32", "dev", "eth0")
     assert spoofed not in lab.udp_sources("w2")
-    assert spoof_drops() >= before + 3  # dropped by felix's anti-spoofing rule, not lost elsewhere
+    assert spoof_drops() >= before + 3  # dropped by felix's anti-spoofing, not lost elsewhere
 
 
 def test_removing_an_endpoint_removes_its_route_and_chains(base: Lab) -> None:
@@ -444,3 +445,33 @@ def test_fail_closed_rules_stay_when_felix_stops(base: Lab) -> None:
     lab.start_felix()
     wait_for(lambda: (lab.status() or {}).get("in_sync") is True, 10, "in sync")
     assert "10.65.0.5" in {r["dst"] for r in lab.host.ip_json("route", "show", "proto", "boot")}  # not ours
+
+
+def test_dump_and_diff_commands(base: Lab) -> None:
+    lab = base
+    env = dict(os.environ, CALYX_CONFIG=str(lab.config), CALYX_NODE_NAME=NODE,
+               CALYX_ETCD_ENDPOINTS="http://127.0.0.1:2379", CALYX_IPTABLES_BACKEND=lab.backend)
+
+    def felix(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", lab.host.name, FELIX, *args], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    wait_for(lambda: felix("diff").returncode == 0, 10, "felix diff to report no difference")
+    tw = rules.to_wl_chain(lab.iface["w2"])
+    desired, actual = felix("dump", "--desired"), felix("dump", "--actual")
+    assert desired.returncode == actual.returncode == 0
+    for out in (desired.stdout, actual.stdout):
+        assert f":{tw} " in out and f"{WORKLOADS['w2']}/32 dev {lab.iface['w2']}" in out
+    lab.stop_felix()  # so that nothing repairs the damage while we look at it
+    try:
+        lab.host.run(f"iptables-{lab.backend}", "-D", tw, "1")
+        lab.host.ip("route", "del", f"{WORKLOADS['w2']}/32")
+        diff = felix("diff")
+        assert diff.returncode == 1
+        assert f"-I {tw} 1 " in diff.stdout  # the rule to put back, at its place
+        assert f"+ {WORKLOADS['w2']}/32 dev {lab.iface['w2']}" in diff.stdout
+        assert not [x for x in diff.stdout.splitlines() if x.startswith(("-D ", "-F ", "-X "))]  # nothing else
+    finally:
+        lab.start_felix()
+    wait_for(lambda: felix("diff").returncode == 0, 15, "felix to repair the damage")
+    assert felix("dump").returncode == 2  # neither --desired nor --actual: usage error

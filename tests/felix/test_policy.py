@@ -252,3 +252,20 @@ def test_dispatch_tree_reaches_every_endpoint() -> None:
         ip = f"10.65.{i // 200}.{i % 200 + 1}"
         assert s.hook(rules.FORWARD, Packet(src=REMOTE_IP, dst=ip, iif="eth0", oif=f"cali{i:011x}")) == "ACCEPT"
     assert len(w.dp.filter[4].desired_rules(rules.TO_DISPATCH)) < 40  # grouped, not 300 long
+
+
+def test_endpoint_without_an_ipv6_address_gets_no_ipv6_chains_and_its_ipv6_is_dropped() -> None:
+    w = two_endpoints(ALLOW_ALL, a_profiles=["open"], b_profiles=["open"])
+    v6 = w.dp.filter[6]
+    assert rules.to_wl_chain("calib0000002") not in v6.chain_names
+    assert rules.from_wl_chain("calia0000001") not in v6.chain_names
+    s6 = w.sim(6)
+    assert s6.hook(rules.FORWARD, Packet(src="fd00::1", dst="fd00::9", iif="calia0000001", oif="eth0")) == "DROP"
+    assert s6.hook(rules.FORWARD, Packet(src="fd00::9", dst="fd00::2", iif="eth0", oif="calib0000002")) == "DROP"
+    # it gains one: chains appear, and lose it: they go
+    w.feed(wep("n1", "b", "calib0000002", B_IP, profiles=["open"], ipv6=["fd00::2"]))
+    assert w.sim(6).hook(rules.FORWARD, Packet(src="fd00::9", dst="fd00::2", iif="eth0",
+                                               oif="calib0000002")) == "ACCEPT"
+    w.feed(wep("n1", "b", "calib0000002", B_IP, profiles=["open"]))
+    assert rules.to_wl_chain("calib0000002") not in v6.chain_names
+    assert rules.to_wl_chain("calib0000002") in w.dp.filter[4].chain_names
