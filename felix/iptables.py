@@ -76,15 +76,19 @@ def detect_backend(mode: str = "auto", runner: Runner = cmd.run) -> str:
 
     ``auto`` (Calico's rule): the backend that holds more rules wins (an existing ruleset, ours from
     a previous run included, tells what the host uses); on a tie, the one ``iptables`` points to.
+    A save of a large nft ruleset takes seconds, so nft is only counted when the answer depends on it.
     """
     if mode in ("legacy", "nft"):
         return mode
+    target = os.path.realpath(shutil.which("iptables") or "/usr/sbin/iptables")
+    default = "legacy" if "legacy" in os.path.basename(target) else "nft"
     legacy = _count_rules(runner, "legacy")
+    if legacy == 0 and default == "nft":
+        return "nft"  # nft wins or ties
     nft = _count_rules(runner, "nft")
     if legacy != nft:
         return "legacy" if legacy > nft else "nft"
-    target = os.path.realpath(shutil.which("iptables") or "/usr/sbin/iptables")
-    return "legacy" if "legacy" in os.path.basename(target) else "nft"
+    return default
 
 
 def rule_hash(rule: IptRule, occurrence: int) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from calyx.kernel.cmd import CommandError, CommandResult
 from felix.ipsets import IpsetTable
-from felix.iptables import IptablesError, IptablesTable, split_save
+from felix.iptables import IptablesError, IptablesTable, detect_backend, split_save
 
 pytestmark = pytest.mark.unit
 
@@ -230,3 +230,21 @@ def test_ipset_drift_repaired_after_resync() -> None:
     t.apply_updates()
     t.apply_deletes()
     assert fake.sets["calyx4-sb"] == {"10.0.0.1", "10.0.0.2"} and "calyx4-leftover" not in fake.sets
+
+
+@pytest.mark.parametrize(("legacy", "nft", "expected"), [(0, 0, "nft"), (5, 0, "legacy"), (5, 9, "nft"), (0, 3, "nft")])
+def test_backend_detection_prefers_the_backend_holding_rules(legacy: int, nft: int, expected: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("felix.iptables.shutil.which", lambda name: "/usr/sbin/xtables-nft-multi")
+    calls: list[str] = []
+
+    def runner(args: Sequence[str], **_: Any) -> CommandResult:
+        calls.append(args[0])
+        n = legacy if "legacy" in args[0] else nft
+        text = "*filter\n" + "-A FORWARD -j ACCEPT\n" * (n if args[0].startswith("iptables") else 0) + "COMMIT\n"
+        return CommandResult(tuple(args), 0, text, "", 0.0)
+
+    assert detect_backend("auto", runner) == expected
+    assert detect_backend("legacy", runner) == "legacy"
+    if legacy == 0:
+        assert not any("nft" in c for c in calls)  # the costly nft save is skipped when it cannot matter
