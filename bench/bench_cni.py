@@ -56,6 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adds", type=int, default=200)
     ap.add_argument("--concurrent", type=int, default=20)
+    ap.add_argument("--plugins", type=Path, default=VENV_BIN,
+                    help="directory holding the calyx and calyx-ipam executables (default: the virtualenv's)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_cni: needs root (network namespaces)", file=sys.stderr)
@@ -77,7 +79,7 @@ def main() -> int:
         plugin_dir = root / "bin"
         plugin_dir.mkdir()
         for name in ("calyx", "calyx-ipam"):
-            (plugin_dir / name).symlink_to(VENV_BIN / name)
+            (plugin_dir / name).symlink_to(args.plugins.resolve() / name)
         net_d = root / "net.d"
         net_d.mkdir()
         (net_d / "bench.conflist").write_text(json.dumps({
@@ -167,7 +169,8 @@ def main() -> int:
         load = os.getloadavg()[0]
         load_start = f"{load_at_start:.2f}"
         print(f"\n### CNI ADD latency (cnitool → calyx → calyx-ipam → etcd), {date}\n")
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        print(f"Plugins: {args.plugins}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
+              f"Python {platform.python_version()}, "
               f"load average {load_start} at the start, {load:.2f} at the end.\n")
         def c50(what: str) -> str:
             return f"{statistics.median(cpu[what]):.1f}" if cpu.get(what) else "-"
