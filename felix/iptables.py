@@ -35,9 +35,10 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from calyx.kernel import cmd
 from felix.rules import CHAIN_PREFIX, IptRule
@@ -178,17 +179,14 @@ class ApplyStats:
 
 @dataclass(slots=True)
 class _Plan:
-    text: str
-    written: dict[str, Sequence[str | None]]  # chain -> hashes after the write
-    deleted: list[str]
-    hooks: dict[str, list[tuple[str | None, str]]]
-    chains_written: int
-    rules_inserted: int
-    rules_deleted: int
+    """What one restore will have done once it succeeds (filled while its input is generated)."""
 
-    @property
-    def empty(self) -> bool:
-        return not self.text
+    written: dict[str, Sequence[str | None]] = field(default_factory=dict)  # chain -> hashes after it
+    deleted: list[str] = field(default_factory=list)
+    hooks: dict[str, list[tuple[str | None, str]]] = field(default_factory=dict)
+    chains_written: int = 0
+    rules_inserted: int = 0
+    rules_deleted: int = 0
 
 
 class IptablesTable:
@@ -208,8 +206,11 @@ class IptablesTable:
         self.backend = backend
         self._run = runner
         self._on_restore = on_restore
-        self._desired: dict[str, _Chain] = {}
+        self._desired: dict[str, tuple[IptRule, ...]] = {}
+        self._rendered: dict[str, _Chain] = {}  # rendered on demand (at apply time)
         self._hooks: dict[str, _Chain] = {}
+        # stream the restore input to the process while it is generated (the real command only)
+        self._streaming = runner is cmd.run
         self._actual: dict[str, Sequence[str | None]] = {}
         self._actual_hooks: dict[str, list[tuple[str | None, str]]] = {}
         self._dirty: set[str] = set()
@@ -219,22 +220,30 @@ class IptablesTable:
     # --- desired state (no I/O) -------------------------------------------------------------------
 
     def set_chain(self, name: str, rules: Sequence[IptRule]) -> None:
-        """Desired rules of chain ``name`` (rendered through a cache shared by every chain, so many
-        chains with the same rules cost one rendering)."""
+        """Desired rules of chain ``name``. Rendering (hashes, comments) happens at apply time,
+        through a cache shared by every chain, so many chains with the same rules cost one."""
         if not name.startswith(CHAIN_PREFIX) or len(name) > 28:
             raise ValueError(f"chain {name!r} is not ours or longer than 28 characters")
-        chain = render_chain(rules)
+        want = rules if isinstance(rules, tuple) else tuple(rules)
         old = self._desired.get(name)
-        if old is not None and old.hashes == chain.hashes:
+        if old is want or old == want:
             return
-        self._desired[name] = chain
+        self._desired[name] = want
+        self._rendered.pop(name, None)
         self._dirty.add(name)
+
+    def _chain(self, name: str) -> _Chain:
+        chain = self._rendered.get(name)
+        if chain is None:
+            chain = self._rendered[name] = render_chain(self._desired[name])
+        return chain
 
     def set_chains(self, chains: Mapping[str, Sequence[IptRule]]) -> None:
         for name, rules in chains.items():
             self.set_chain(name, rules)
 
     def remove_chain(self, name: str) -> None:
+        self._rendered.pop(name, None)
         if self._desired.pop(name, None) is not None or name in self._actual:
             self._dirty.add(name)
 
@@ -254,8 +263,7 @@ class IptablesTable:
         return frozenset(self._desired)
 
     def desired_rules(self, name: str) -> list[str]:
-        chain = self._desired.get(name)
-        return list(chain.lines) if chain is not None else []
+        return list(self._chain(name).lines) if name in self._desired else []
 
     @property
     def in_sync(self) -> bool:
@@ -307,40 +315,42 @@ class IptablesTable:
         self._hooks_dirty = True
         self._need_readback = False
 
-    def _plan(self) -> _Plan:
-        decl: list[str] = []
-        body: list[str] = []
-        flush: list[str] = []
-        delete: list[str] = []
-        written: dict[str, Sequence[str | None]] = {}
-        deleted: list[str] = []
-        chains_written = inserted = removed = 0
-        for name in sorted(self._dirty):
-            want = self._desired.get(name)
-            have = self._actual.get(name)
-            if want is None:
-                if have is not None:
-                    flush.append(f"-F {name}")
-                    delete.append(f"-X {name}")
-                    deleted.append(name)
+    def _plan(self, plan: _Plan) -> Iterator[str]:
+        """The restore input (without the ``*table`` and ``COMMIT`` lines), in chunks, generated
+        lazily: chains are rendered as they are reached, so the restore can start parsing while the
+        rest is still being rendered. Fills ``plan`` with what the kernel will hold afterwards."""
+        names = sorted(self._dirty)
+        new = [n for n in names if n in self._desired and n not in self._actual]
+        if new:  # every new chain is declared before any rule can jump to it
+            yield "".join(f":{n} - [0:0]\n" for n in new)
+        tail: list[str] = []
+        for name in names:
+            if name not in self._desired:
+                if name in self._actual:
+                    yield f"-F {name}\n"
+                    tail.append(f"-X {name}\n")
+                    plan.deleted.append(name)
                 continue
+            want = self._chain(name)
+            have = self._actual.get(name)
             if have is not None and have == want.hashes:
                 continue
             edits = None if have is None else _edits(name, have, want)
             if edits is None or len(edits[0]) > len(want.lines):
-                decl.append(f":{name} - [0:0]")
+                chunk = "" if have is None else f"-F {name}\n"  # a rewrite of an existing chain
                 if want.lines:
                     pre = f"-A {name} "
-                    body.append(pre + ("\n" + pre).join(want.lines))
-                chains_written += 1
-                inserted += len(want.lines)
+                    chunk += pre + ("\n" + pre).join(want.lines) + "\n"
+                if chunk:
+                    yield chunk
+                plan.chains_written += 1
+                plan.rules_inserted += len(want.lines)
             else:
                 lines, n_ins, n_del = edits
-                body.extend(lines)
-                inserted += n_ins
-                removed += n_del
-            written[name] = want.hashes  # shared, never mutated
-        hooks: dict[str, list[tuple[str | None, str]]] = {}
+                yield "\n".join(lines) + "\n"
+                plan.rules_inserted += n_ins
+                plan.rules_deleted += n_del
+            plan.written[name] = want.hashes  # shared, never mutated
         if self._hooks_dirty:
             for builtin in sorted(set(self._hooks) | set(self._actual_hooks)):
                 want_hook = self._hooks.get(builtin)
@@ -350,29 +360,77 @@ class IptablesTable:
                 top = [h for h, _ in have_rules[: len(want_h)]]
                 if top == want_h and len(ours) == len(want_h):
                     continue
-                for _, spec in ours:
-                    body.append(f"-D {builtin} {spec}")
-                    removed += 1
+                lines = [f"-D {builtin} {spec}" for _, spec in ours]
+                plan.rules_deleted += len(ours)
                 foreign: list[tuple[str | None, str]] = [(h, spec) for h, spec in have_rules if h is None]
                 if want_hook is not None:
-                    for line in reversed(want_hook.lines):
-                        body.append(f"-I {builtin} 1 {line}")
-                        inserted += 1
+                    lines += [f"-I {builtin} 1 {line}" for line in reversed(want_hook.lines)]
+                    plan.rules_inserted += len(want_hook.lines)
                     ours_now: list[tuple[str | None, str]] = [
                         (h, line) for h, line in zip(want_hook.hashes, want_hook.lines, strict=True)
                     ]
-                    hooks[builtin] = ours_now + foreign
+                    plan.hooks[builtin] = ours_now + foreign
                 else:
-                    hooks[builtin] = foreign
-        lines = decl + body + flush + delete
-        text = f"*{self.table}\n" + "\n".join(lines) + "\nCOMMIT\n" if lines else ""
-        return _Plan(text, written, deleted, hooks, chains_written, inserted, removed)
+                    plan.hooks[builtin] = foreign
+                if lines:
+                    yield "\n".join(lines) + "\n"
+        if tail:
+            yield "".join(tail)  # after every rule that jumped to them is gone
 
     def pending_text(self, *, readback: bool = True) -> str:
         """The restore input the next apply would send (for ``felix diff``); reads the kernel first."""
         if readback:
             self._readback()
-        return self._plan().text
+        body = "".join(self._plan(_Plan()))
+        return f"*{self.table}\n{body}COMMIT\n" if body else ""
+
+    def _restore(self, plan: _Plan) -> bool:
+        """Generate the input and feed it to one restore; False when there was nothing to write.
+        Raises :class:`cmd.CommandError` when the restore fails."""
+        args = [self._cmd("restore"), "--noflush", "--wait", "10"]
+        chunks = self._plan(plan)
+        if not self._streaming:
+            body = "".join(chunks)
+            if not body:
+                return False
+            self._run(args, input=f"*{self.table}\n{body}COMMIT\n", timeout=_RESTORE_TIMEOUT)
+            return True
+        proc: subprocess.Popen[str] | None = None
+        try:
+            for chunk in chunks:
+                if proc is None:
+                    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True)
+                    assert proc.stdin is not None
+                    proc.stdin.write(f"*{self.table}\n")
+                assert proc.stdin is not None
+                proc.stdin.write(chunk)
+            if proc is None:
+                return False
+            assert proc.stdin is not None
+            proc.stdin.write("COMMIT\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the restore died early: its exit code and stderr say why
+        except BaseException:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
+        if proc is None:
+            return False
+        try:
+            rc = proc.wait(timeout=_RESTORE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise cmd.CommandTimeoutError(args, None, "", f"timed out after {_RESTORE_TIMEOUT:g} s") from None
+        stderr = proc.stderr.read() if proc.stderr is not None else ""
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if rc != 0:
+            raise cmd.CommandError(args, rc, stderr)
+        return True
 
     def apply(self) -> ApplyStats:
         """Make the kernel hold the desired chains; raise :class:`IptablesError` when retries fail."""
@@ -388,17 +446,11 @@ class IptablesTable:
             if not self._dirty and not self._hooks_dirty:
                 return ApplyStats(readback=readback, duration=time.monotonic() - start, failures=failures,
                                   restores=restores)
-            plan = self._plan()
-            if plan.empty:
-                self._dirty.clear()
-                self._hooks_dirty = False
-                return ApplyStats(readback=readback, duration=time.monotonic() - start, failures=failures,
-                                  restores=restores)
-            restores += 1
+            plan = _Plan()
             try:
-                self._run([self._cmd("restore"), "--noflush", "--wait", "10"], input=plan.text,
-                          timeout=_RESTORE_TIMEOUT)
+                wrote = self._restore(plan)
             except cmd.CommandError as exc:
+                restores += 1
                 failures += 1
                 last_error = str(exc)
                 if self._on_restore is not None:
@@ -408,6 +460,12 @@ class IptablesTable:
                 self._need_readback = True
                 time.sleep(min(0.05 * (2**failures), 0.5))
                 continue
+            if not wrote:
+                self._dirty.clear()
+                self._hooks_dirty = False
+                return ApplyStats(readback=readback, duration=time.monotonic() - start, failures=failures,
+                                  restores=restores)
+            restores += 1
             if self._on_restore is not None:
                 self._on_restore(True)
             for name, hashes in plan.written.items():
@@ -444,7 +502,7 @@ class IptablesTable:
         for builtin, chain in sorted(self._hooks.items()):
             lines += [f"-I {builtin} {i + 1} {line}" for i, line in enumerate(chain.lines)]
         for name in sorted(self._desired):
-            lines += [f"-A {name} {line}" for line in self._desired[name].lines]
+            lines += [f"-A {name} {line}" for line in self._chain(name).lines]
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 
