@@ -7,7 +7,8 @@ in, which is the runtime's "host"), found again by that name; the container-side
 ADD leaves:
 
 - container: the /32 (and /128) addresses, ``default via 169.254.1.1 dev <ifname> onlink`` (and
-  ``default via fe80::1 dev <ifname>``), a random locally administered MAC;
+  ``default via fe80::1 dev <ifname>``) unless another interface of the container already has the
+  default route (a second network), a random locally administered MAC;
 - host: the veth up with MAC ``ee:ee:ee:ee:ee:ee``, ``proxy_arp=1``, ``neigh/proxy_delay=0`` and
   ``forwarding=1`` (per interface: the global ``ip_forward`` is not touched), ``fe80::1/64`` for
   IPv6 workloads, and a route per workload address ``<addr>/32 dev cali… scope link`` with felix's
@@ -21,6 +22,7 @@ the host veth is deleted, which removes its peer and the routes through it: noth
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -46,6 +48,7 @@ class Wired(NamedTuple):
     ifname: str
     mac: str
     nets: tuple[IPNet, ...]
+    defaults: tuple[IPNet, ...]  #: default routes installed (not when another interface has one)
 
 
 def _random_mac() -> str:
@@ -97,11 +100,11 @@ def setup(netns: str, ifname: str, host_iface: str, nets: Sequence[IPNet], *, mt
             except NetlinkError as exc:
                 raise CNIError(PLUGIN_ERROR, f"cannot create veth {host_iface}: {exc}") from None
             try:
-                _configure(host, cont, host_iface, ifname, nets)
+                defaults = _configure(host, cont, host_iface, ifname, nets)
             except BaseException:
                 host.delete_link(host_iface)
                 raise
-            return Wired(host_iface, HOST_MAC, ifname, mac, tuple(nets))
+            return Wired(host_iface, HOST_MAC, ifname, mac, tuple(nets), defaults)
         finally:
             cont.close()
             host.close()
@@ -109,7 +112,10 @@ def setup(netns: str, ifname: str, host_iface: str, nets: Sequence[IPNet], *, mt
         os.close(fd)
 
 
-def _configure(host: Netlink, cont: Netlink, host_iface: str, ifname: str, nets: Sequence[IPNet]) -> None:
+def _configure(
+    host: Netlink, cont: Netlink, host_iface: str, ifname: str, nets: Sequence[IPNet]
+) -> tuple[IPNet, ...]:
+    defaults: list[IPNet] = []
     try:
         hl = host.link(host_iface)
         cl = cont.link(ifname)
@@ -129,12 +135,19 @@ def _configure(host: Netlink, cont: Netlink, host_iface: str, ifname: str, nets:
         cont.set_up(cl.ifindex)
         for n in nets:
             cont.add_address(cl.ifindex, n, n.network_address)
-        if any(n.version == 4 for n in nets):
-            cont.add_route(DEFAULT4, oif=cl.ifindex, gateway=GATEWAY4, onlink=True)
-        if has6:
-            cont.add_route(DEFAULT6, oif=cl.ifindex, gateway=GATEWAY6)
+        for dflt, gw, wanted in ((DEFAULT4, GATEWAY4, any(n.version == 4 for n in nets)), (DEFAULT6, GATEWAY6, has6)):
+            if not wanted:
+                continue
+            try:
+                cont.add_route(dflt, oif=cl.ifindex, gateway=gw, onlink=dflt.version == 4)
+                defaults.append(dflt)
+            except NetlinkError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+                # another interface of this container (another network) has the default route: keep it
         for n in nets:
             host.add_route(n, oif=hl.ifindex, proto=FELIX_PROTO, scope=RT_SCOPE_LINK, replace=True)
+        return tuple(defaults)
     except NetlinkError as exc:
         raise CNIError(PLUGIN_ERROR, f"wiring {host_iface}/{ifname} failed: {exc}") from None
     except OSError as exc:
@@ -150,8 +163,9 @@ def teardown(host_iface: str) -> bool:
             raise CNIError(PLUGIN_ERROR, f"cannot delete {host_iface}: {exc}") from None
 
 
-def check(netns: str, ifname: str, host_iface: str, nets: Sequence[IPNet]) -> None:
-    """Raise CNIError (104) naming the first thing that is not as ADD left it."""
+def check(netns: str, ifname: str, host_iface: str, nets: Sequence[IPNet], defaults: Sequence[IPNet]) -> None:
+    """Raise CNIError (104) naming the first thing that is not as ADD left it (``defaults``: the
+    default routes ADD reported)."""
     os.close(open_netns(netns))
 
     def bad(msg: str) -> CNIError:
@@ -181,9 +195,8 @@ def check(netns: str, ifname: str, host_iface: str, nets: Sequence[IPNet]) -> No
         for n in nets:
             if n not in have:
                 raise bad(f"{ifname} in {netns} lacks address {n} (has {', '.join(map(str, sorted(have, key=str)))})")
-        for n in nets:
-            fam = socket.AF_INET if n.version == 4 else socket.AF_INET6
-            gw = GATEWAY4 if n.version == 4 else GATEWAY6
-            dflt = DEFAULT4 if n.version == 4 else DEFAULT6
+        for dflt in defaults:
+            fam = socket.AF_INET if dflt.version == 4 else socket.AF_INET6
+            gw = GATEWAY4 if dflt.version == 4 else GATEWAY6
             if not any(r.dst == dflt and r.gateway == gw and r.oif == cl.ifindex for r in cont.routes(fam)):
                 raise bad(f"{netns} has no default route via {gw} dev {ifname}")

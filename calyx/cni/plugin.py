@@ -182,8 +182,8 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
             {"name": wired.ifname, "mac": wired.mac, "sandbox": env.netns},
         ],
         "ips": [{"address": str(n), "interface": 1} for n in nets],
-        "routes": ([{"dst": "0.0.0.0/0", "gw": str(dataplane.GATEWAY4)}] if any(n.version == 4 for n in nets) else [])
-        + ([{"dst": "::/0", "gw": str(dataplane.GATEWAY6)}] if any(n.version == 6 for n in nets) else []),
+        "routes": [{"dst": str(d), "gw": str(dataplane.GATEWAY4 if d.version == 4 else dataplane.GATEWAY6)}
+                   for d in wired.defaults],
         "dns": ipam_result.get("dns") or nc.raw.get("dns") or {},
     }
     return result
@@ -225,8 +225,17 @@ def cmd_check(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
     pc = plugin_conf(nc, env)
     ident = identity(env, pc.orchestrator)
     cluster = cluster_from(nc.raw, environ=environ)
-    nets = _host_nets(spec.normalize_result(nc.prev_result))
-    dataplane.check(env.netns, env.ifname, ident.host_iface, nets)
+    prev = spec.normalize_result(nc.prev_result)
+    nets = _host_nets(prev)
+    defaults = []
+    for r in prev.get("routes") or []:
+        try:
+            dst = ipaddress.ip_network(str(r.get("dst")))
+        except (ValueError, AttributeError):
+            raise CNIError(spec.DECODING_FAILURE, f"prevResult has an invalid route: {r!r}") from None
+        if dst.prefixlen == 0 and str(r.get("gw")) in (str(dataplane.GATEWAY4), str(dataplane.GATEWAY6)):
+            defaults.append(dst)
+    dataplane.check(env.netns, env.ifname, ident.host_iface, nets, defaults)
     key = keys.workload_key(cluster.node_name, ident.orchestrator, ident.workload, ident.endpoint)
     store = cluster.store()
     try:

@@ -295,3 +295,23 @@ def test_cluster_from_environment_and_config_file(ready: CniHost) -> None:
     toml.write_text('node_name = "bad name!"\n')
     expect_error(h, 7, "Calyx configuration", "ADD", no_node, container_id="e2", netns=h.new_netns().path,
                  env={"CALYX_CONFIG": str(toml)})
+
+
+def test_second_network_in_one_container_keeps_the_first_default_route(ready: CniHost) -> None:
+    h = ready
+    c = h.new_netns()
+    rc, first = h.plugin("calyx", "ADD", conf(h), container_id="multi", netns=c.path, ifname="eth0")
+    assert rc == 0, first
+    second_conf = {**conf(h), "name": "net2"}
+    rc, second = h.plugin("calyx", "ADD", second_conf, container_id="multi", netns=c.path, ifname="eth1")
+    assert rc == 0, second
+    assert first["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}] and second["routes"] == []
+    [default] = c.ip_json("route", "show", "default")
+    assert default["dev"] == "eth0"
+    for nc_, res, ifname in ((conf(h), first, "eth0"), (second_conf, second, "eth1")):
+        rc, out = h.plugin("calyx", "CHECK", {**nc_, "prevResult": res}, container_id="multi", netns=c.path,
+                           ifname=ifname)
+        assert rc == 0, out
+    c.ip("route", "del", "default")
+    rc, out = h.plugin("calyx", "CHECK", {**conf(h), "prevResult": first}, container_id="multi", netns=c.path)
+    assert rc == 1 and out["code"] == 104 and "no default route via 169.254.1.1 dev eth0" in out["msg"], out
