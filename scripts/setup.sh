@@ -15,6 +15,7 @@ APT_PACKAGES=(
   containernetworking-plugins        # reference CNI plugins (portmap, tuning, bandwidth, host-local)
   podman runc containerd busybox-static   # real runtimes for the CNI tests
   user-mode-linux kmod               # IP-in-IP tests run in UML (this host kernel has no ipip)
+  systemd                            # systemd-analyze verify of the unit files (no systemd needs to run)
 )
 
 missing=()
