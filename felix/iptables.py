@@ -9,7 +9,9 @@ a rule's identity survives insertions and deletions around it.
 How it works (Calico felix's ``table.go`` shape):
 
 * Desired chains live in memory (:meth:`IptablesTable.set_chain`, :meth:`remove_chain`,
-  :meth:`set_hooks`); these calls hash the rules and mark the chain dirty, with no I/O.
+  :meth:`set_hooks`); these calls compare the rules with the previous ones and mark the chain dirty,
+  with no I/O. Rules are rendered (hash, comment) at apply time, through a cache shared by every
+  chain: at scale most endpoint chains are identical.
 * The kernel is read back with ``iptables-save -t <table>`` at the first apply, after
   :meth:`resync` (periodic, jittered, by the daemon) and after a failed restore; only chain names and
   our hashes are parsed. Other applies trust the belief built from what was written.
@@ -18,7 +20,8 @@ How it works (Calico felix's ``table.go`` shape):
   order is rewritten whole (declaring it flushes it). Hook rules sit at the top of their built-in
   chain; if they are not exactly there they are deleted by their full spec and re-inserted. Chains of
   ours that are no longer wanted are flushed, then deleted, at the end of the same transaction.
-* Everything goes through one ``iptables-restore --noflush`` per apply. A failed COMMIT (the
+* Everything goes through one ``iptables-restore --noflush`` per apply, whose input is streamed
+  to it while it is generated (rendering overlaps the restore's parsing). A failed COMMIT (the
   table changed under us, a referenced ipset is missing...) is retried after a fresh readback, up to
   :data:`MAX_RETRIES` times; then :class:`IptablesError` is raised and the chains stay dirty.
 
@@ -409,25 +412,23 @@ class IptablesTable:
                 return False
             assert proc.stdin is not None
             proc.stdin.write("COMMIT\n")
-            proc.stdin.close()
         except BrokenPipeError:
             pass  # the restore died early: its exit code and stderr say why
         except BaseException:
             if proc is not None:
                 proc.kill()
-                proc.wait()
+                proc.communicate()
             raise
         if proc is None:
             return False
         try:
-            rc = proc.wait(timeout=_RESTORE_TIMEOUT)
+            # communicate() closes stdin and waits without polling (wait(timeout) polls with sleeps)
+            _, stderr = proc.communicate(timeout=_RESTORE_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.communicate()
             raise cmd.CommandTimeoutError(args, None, "", f"timed out after {_RESTORE_TIMEOUT:g} s") from None
-        stderr = proc.stderr.read() if proc.stderr is not None else ""
-        if proc.stderr is not None:
-            proc.stderr.close()
+        rc = proc.returncode
         if rc != 0:
             raise cmd.CommandError(args, rc, stderr)
         return True
