@@ -54,6 +54,7 @@ PREFIXES = (
     keys.IPAM_BLOCKS_PREFIX,
 )
 RETRY_MIN = 0.1
+MAX_STATUS_ERRORS = 20
 PREFETCH_MAX_AGE = 30.0  # an early readback older than this is redone before the first apply
 RETRY_MAX = 30.0
 
@@ -169,7 +170,10 @@ class Felix:
         return bool(links)
 
     def _errors(self, syncer: Syncer) -> list[str]:
-        errors = [f"malformed {k}: {msg}" for k, msg in sorted(syncer.errors.items())]
+        bad = sorted(syncer.errors.items())
+        errors = [f"malformed {k}: {msg}" for k, msg in bad[:MAX_STATUS_ERRORS]]
+        if len(bad) > MAX_STATUS_ERRORS:  # keep the status value small (etcd limits value sizes)
+            errors.append(f"... and {len(bad) - MAX_STATUS_ERRORS} more malformed keys (see felix's log)")
         status.MALFORMED.set(len(syncer.errors))
         for kind in ("malformed", "decoder_exception", "unavailable"):
             status.DATASTORE_ERRORS.labels(kind=kind).set(SYNC_ERRORS.labels(kind=kind)._value.get())
