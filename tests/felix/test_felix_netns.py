@@ -198,6 +198,17 @@ class Lab:
     def route_dsts(self) -> set[str]:
         return {r["dst"] for r in self.routes()}
 
+    def felix_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``felix <args>`` inside the host namespace, configured like the daemon."""
+        env = dict(os.environ, CALYX_CONFIG=str(self.config), CALYX_NODE_NAME=NODE,
+                   CALYX_ETCD_ENDPOINTS="http://127.0.0.1:2379", CALYX_IPTABLES_BACKEND=self.backend)
+        return subprocess.run(["ip", "netns", "exec", self.host.name, FELIX, *args], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    def converged(self) -> bool:
+        """The kernel holds exactly what the datastore asks for (``felix diff`` finds nothing)."""
+        return self.felix_cli("diff").returncode == 0
+
     def metrics(self) -> str:
         return self.host.run("curl", "-s", "--max-time", "2", f"http://127.0.0.1:{METRICS_PORT}/metrics")
 
@@ -373,6 +384,7 @@ def test_interface_created_after_its_endpoint_is_picked_up(base: Lab) -> None:
 
 def test_kill_9_and_restart_under_continuous_ping_loses_nothing(base: Lab) -> None:
     lab = base
+    wait_for(lab.converged, 15, "felix to finish the baseline")  # so that the restart has nothing to do
     args = ["ip", "netns", "exec", lab.wl["w1"].name, "ping", "-n", "-i", "0.05", "-c", "100", "-W", "1",
             WORKLOADS["w2"]]
     ping = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -388,7 +400,7 @@ def test_kill_9_and_restart_under_continuous_ping_loses_nothing(base: Lab) -> No
     wait_for(lambda: (lab.status() or {}).get("in_sync") is True, 10, "in sync")
     log = lab.log()
     assert "iptables applied" not in log, "a restart with nothing changed rewrote rules:\n" + log[-2000:]
-    assert "ipsets updated" not in log and "routes applied" not in log
+    assert "ipsets updated" not in log and "routes applied" not in log, log[-2000:]
 
 
 def test_malformed_values_are_skipped_and_reported(base: Lab) -> None:
@@ -407,9 +419,9 @@ def test_malformed_values_are_skipped_and_reported(base: Lab) -> None:
 
 def test_status_metrics_and_ip_forwarding(base: Lab) -> None:
     lab = base
-    wait_for(lambda: (lab.status() or {}).get("in_sync") is True, 10, "in sync")
-    st = lab.status()
-    assert st is not None and st["endpoints"] == 3 and st["ip_forwarding"] is True
+    # the status is eventually consistent (written every status_interval): wait for the baseline in it
+    wait_for(lambda: {k: (lab.status() or {}).get(k) for k in ("in_sync", "endpoints", "ip_forwarding")}
+             == {"in_sync": True, "endpoints": 3, "ip_forwarding": True}, 10, "the status to show the baseline")
     assert lab.host.run("sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"  # turned on (configured so)
     ep = lab.ds.get(keys.endpoint_status_key(NODE, "k8s", "w1", "eth0"))
     assert ep is not None and json.loads(ep.value)["state"] == "up"
@@ -449,12 +461,7 @@ def test_fail_closed_rules_stay_when_felix_stops(base: Lab) -> None:
 
 def test_dump_and_diff_commands(base: Lab) -> None:
     lab = base
-    env = dict(os.environ, CALYX_CONFIG=str(lab.config), CALYX_NODE_NAME=NODE,
-               CALYX_ETCD_ENDPOINTS="http://127.0.0.1:2379", CALYX_IPTABLES_BACKEND=lab.backend)
-
-    def felix(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", lab.host.name, FELIX, *args], env=env, capture_output=True,
-                              text=True, timeout=60, check=False)
+    felix = lab.felix_cli
 
     wait_for(lambda: felix("diff").returncode == 0, 10, "felix diff to report no difference")
     tw = rules.to_wl_chain(lab.iface["w2"])
