@@ -176,6 +176,33 @@ def netns_pids(netns: str) -> list[int]:
     return [int(x) for x in r.stdout.split() if x.isdigit()]
 
 
+def kill_forwarders(prefix: str, timeout: float = 3.0) -> int:
+    """Kill the etcd forwarders of a lab instance whose namespaces start with ``prefix``.
+
+    A forwarder runs in the machine's own namespace (it binds a loopback port), so sweeping the
+    lab's namespaces does not reach it; it is found by its command line instead.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"calyx.lab.forward" not in argv:
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            ns = argv[argv.index(b"--netns") + 1].decode()
+            if ns.startswith(prefix):
+                pid = int(entry.name)
+                found.append(Proc("forwarder", None, pid, start_time(pid), "", ()))
+    found = [p for p in found if p.alive]
+    if found:
+        stop(found, timeout)
+    return len(found)
+
+
 def kill_netns_processes(netns: str, timeout: float = 3.0) -> int:
     """Kill every process still inside ``netns`` (a crashed ``lab up`` may have left some)."""
     pids = [p for p in netns_pids(netns) if p != os.getpid()]

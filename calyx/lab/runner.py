@@ -752,6 +752,9 @@ class Lab:
         alive = [p for p in self.state.procs if p.alive]
         procs.stop(alive)
         removed += [f"process {p.name} ({p.pid})" for p in alive]
+        n = procs.kill_forwarders(self.state.prefix)
+        if n:
+            removed.append(f"{n} stray etcd forwarder(s)")
         for ns in fabric.list_netns(self.state.prefix):
             n = procs.kill_netns_processes(ns)
             if n:
@@ -798,6 +801,8 @@ def down_instance(instance: str, *, root: Path | None = None, clab_file: Path | 
             # nothing to read the topology from: sweep by prefix only
             removed = []
             prefix = fabric.prefix_for(instance)
+            if procs.kill_forwarders(prefix):
+                removed.append("stray etcd forwarder(s)")
             for ns in fabric.list_netns(prefix):
                 procs.kill_netns_processes(ns)
                 fabric.delete_netns(ns)
