@@ -274,7 +274,10 @@ def bench_daemon(n: int, backend: str, tmp: Path) -> dict[str, float]:
             proc.wait()
             proc2, log2, t_restart = start(2)
             text = log2.read_text()
-            rewritten = sum(int(a) + int(b) for a, b in re.findall(r"inserted=(\d+) deleted=(\d+)", text))
+            # the apply summary (logged only when an apply did work): <table>=+inserted/-deleted/chains...
+            rewritten = sum(int(a) + int(b) for a, b in re.findall(r"=\+(\d+)/-(\d+)/chains", text))
+            if "the kernel was already right" not in text:
+                rewritten = max(rewritten, 1)
             proc2.send_signal(signal.SIGTERM)
             proc2.wait(timeout=30)
             ds.close()

@@ -194,7 +194,7 @@ class IpsetTable:
         res = IpsetStats(created=stats.created, updated=stats.updated, swapped=stats.swapped, added=stats.added,
                          removed=stats.removed, readback=readback, duration=time.monotonic() - start)
         if res.did_work:
-            log.info("ipsets updated created=%d updated=%d swapped=%d added=%d removed=%d duration=%.3f",
+            log.debug("ipsets updated created=%d updated=%d swapped=%d added=%d removed=%d duration=%.3f",
                      res.created, res.updated, res.swapped, res.added, res.removed, res.duration)
         return res
 
@@ -214,7 +214,7 @@ class IpsetTable:
                 log.warning("ipset destroy failed set=%s (will retry): %s", name, res.stderr.strip())
         stats = IpsetStats(destroyed=destroyed, failed=failed, duration=time.monotonic() - start)
         if destroyed:
-            log.info("ipsets destroyed count=%d duration=%.3f", destroyed, stats.duration)
+            log.debug("ipsets destroyed count=%d duration=%.3f", destroyed, stats.duration)
         return stats
 
     def dump_actual(self) -> str:

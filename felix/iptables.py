@@ -486,7 +486,7 @@ class IptablesTable:
                 readback=readback,
                 duration=time.monotonic() - start,
             )
-            log.info(
+            log.debug(
                 "iptables applied table=%s v%d backend=%s chains_written=%d chains_deleted=%d inserted=%d "
                 "deleted=%d readback=%s duration=%.3f",
                 self.table, self.version, self.backend, stats.chains_written, stats.chains_deleted,
