@@ -38,7 +38,7 @@ from bgpd import api
 from bgpd.announce import OutAttrs, desired_announcements
 from bgpd.exabgp import ChannelError, ExaBGP
 from bgpd.exaconf import build as build_exaconf
-from bgpd.fib import Fib
+from bgpd.fib import Fib, node_vteps
 from bgpd.peering import LocalIdentity, Neighbor, desired_peers, local_identity
 from bgpd.rib import LocalInfo, PeerInfo, Rib, reflect
 from bgpd.status import EXABGP_RESTARTS, FIB_APPLY_SECONDS, GARBAGE_LINES, PREFIXES, StatusReporter
@@ -290,6 +290,7 @@ class BgpDaemon:
                 sess.neighbor = nb
             self.rib.set_peer(PeerInfo(peer, nb.ibgp, self.sessions[peer].router_id, nb.rr_client, nb.max_prefixes))
         self.fib.set_pools(pools)
+        self.fib.set_vteps(node_vteps(nodes.values()))
         self.local_routes = desired_announcements(self.node, blocks, weps, cluster)
         exa_cfg = build_exaconf(self.node, neighbors, helper=self.exa.helper, bind=me.address,
                                 port=self.cfg.bgp_listen_port, restart_time=cluster.graceful_restart_time,

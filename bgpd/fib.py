@@ -14,6 +14,12 @@ How a selection becomes a route (:func:`route_spec`):
 - a next hop that is not connected, for a prefix inside a pool whose ``ipip_mode`` is ``Always`` (or
   ``CrossSubnet``) → ``<prefix> via <next hop> dev tunl0 onlink`` (tunl0 is felix's device);
 - a pool with ``ipip_mode: Always`` tunnels even connected next hops, as Calico does;
+- a pool whose ``vxlan_mode`` asks for encapsulation (``Always``; ``CrossSubnet`` and the next hop
+  not connected) → ``<prefix> via <remote VTEP address> dev vxlan.calyx onlink``: the BGP next hop
+  is mapped to the node whose ``ipv4`` it is, and from there to the ``vxlan_tunnel_address`` that
+  node's felix published (:meth:`Fib.set_vteps`); felix keeps the device and its permanent
+  neighbour and FDB entries. A next hop with no published VTEP falls back to a direct route when it
+  is connected and is unroutable otherwise;
 - otherwise the route is not installable here (counted as unroutable).
 
 Why not :class:`calyx.kernel.routetable.RouteTable`: bgpd holds up to hundreds of thousands of
@@ -45,11 +51,13 @@ from ipaddress import IPv4Address, IPv4Network
 from calyx.kernel import rtnl
 from calyx.kernel.routetable import PROTO_BGPD
 from calyx.kernel.rtnl import AckCode, NextHop, Op, RouteMsg, RouteRequest
-from calyx.model import IPPool
+from calyx.model import IPPool, Node
 
 log = logging.getLogger(__name__)
 
 TUNL = "tunl0"
+VXLAN = "vxlan.calyx"
+VXLAN_PREFIX = "VXLAN:"  # pool_mode's spelling of a vxlan_mode ("VXLAN:Always", "VXLAN:CrossSubnet")
 TABLE = rtnl.RT_TABLE_MAIN
 
 #: one next hop as compared with the kernel: (gateway bytes, onlink)
@@ -63,20 +71,22 @@ class PoolEncap:
 
     cidr: IPv4Network
     ipip_mode: str
+    vxlan_mode: str = "Never"
 
 
 @dataclass(frozen=True, slots=True)
 class Spec:
     """The nexthop part of a route, shared by every prefix with the same next hops and pool mode."""
 
-    hops: Signature  # sorted; onlink hops go through tunl0
+    hops: Signature  # sorted; onlink hops go through ``dev``
+    dev: str = TUNL
     onlink: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onlink", any(o for _, o in self.hops))
 
     def describe(self) -> str:
-        return ", ".join(socket.inet_ntoa(g) + (" dev tunl0 onlink" if o else "") for g, o in self.hops)
+        return ", ".join(socket.inet_ntoa(g) + (f" dev {self.dev} onlink" if o else "") for g, o in self.hops)
 
 
 @dataclass
@@ -98,7 +108,7 @@ class FibStats:
 
 
 def pool_encaps(pools: Iterable[IPPool]) -> tuple[PoolEncap, ...]:
-    out = [PoolEncap(p.cidr, p.ipip_mode) for p in pools if isinstance(p.cidr, IPv4Network)]
+    out = [PoolEncap(p.cidr, p.ipip_mode, p.vxlan_mode) for p in pools if isinstance(p.cidr, IPv4Network)]
     return tuple(sorted(out, key=lambda e: -e.cidr.prefixlen))  # most specific first
 
 
@@ -122,13 +132,26 @@ def pool_mode(packed: bytes, plen: int, pools: tuple[PoolEncap, ...]) -> str:
     for pool in pools:
         p = pool.cidr
         if plen >= p.prefixlen and (value & int(p.netmask)) == int(p.network_address):
+            if pool.ipip_mode == "Never" and pool.vxlan_mode != "Never":
+                return VXLAN_PREFIX + pool.vxlan_mode
             return pool.ipip_mode
     return "Never"
 
 
-def route_spec(next_hops: Iterable[str], mode: str, connected: tuple[IPv4Network, ...]) -> Spec | None:
-    """How to reach next hops ``next_hops`` for a prefix in a pool of ``mode``; None if not possible."""
+def node_vteps(nodes: Iterable[Node]) -> dict[str, IPv4Address]:
+    """Underlay address (as text) → VTEP address, for every node that published a VXLAN tunnel address."""
+    return {str(n.ipv4.ip): n.vxlan_tunnel_address for n in nodes
+            if n.ipv4 is not None and n.vxlan_tunnel_address is not None}
+
+
+def route_spec(next_hops: Iterable[str], mode: str, connected: tuple[IPv4Network, ...],
+               vteps: Mapping[str, IPv4Address] | None = None) -> Spec | None:
+    """How to reach next hops ``next_hops`` for a prefix in a pool of ``mode`` (``pool_mode``'s
+    spelling); ``vteps`` maps next hops to remote VTEP addresses. None if not possible."""
     hops: set[Hop] = set()
+    vxlan = mode.startswith(VXLAN_PREFIX)
+    if vxlan:
+        mode = mode[len(VXLAN_PREFIX):]
     for text in next_hops:
         try:
             nh = IPv4Address(text)
@@ -136,12 +159,19 @@ def route_spec(next_hops: Iterable[str], mode: str, connected: tuple[IPv4Network
             continue
         direct = any(nh in n for n in connected)
         if mode == "Always" or (mode == "CrossSubnet" and not direct):
-            hops.add((nh.packed, True))
+            if not vxlan:
+                hops.add((nh.packed, True))
+                continue
+            vtep = vteps.get(text) if vteps else None
+            if vtep is not None:
+                hops.add((vtep.packed, True))
+            elif direct:  # the node has not published its VTEP yet: a connected next hop still works
+                hops.add((nh.packed, False))
         elif direct:
             hops.add((nh.packed, False))
     if not hops:
         return None
-    return Spec(tuple(sorted(hops)))
+    return Spec(tuple(sorted(hops)), VXLAN if vxlan else TUNL)
 
 
 def _signature(m: RouteMsg) -> Signature | None:
@@ -169,6 +199,7 @@ class Fib:
         self._kernel = kernel
         self.pools: tuple[PoolEncap, ...] = ()
         self.connected: tuple[IPv4Network, ...] = ()
+        self.vteps: dict[str, IPv4Address] = {}  # next hop (a node's underlay address) → its VTEP address
         self._next_hops: dict[str, tuple[str, ...]] = {}  # prefix → next hops of its selection
         self._want: dict[str, Spec] = {}  # prefix → what the kernel should hold
         self._actual: dict[str, tuple[int, Signature | None]] = {}  # prefix → (metric, signature) held
@@ -188,6 +219,13 @@ class Fib:
         enc = pool_encaps(pools)
         if enc != self.pools:
             self.pools = enc
+            self._spec_cache.clear()
+            self._dirty.update(self._next_hops)
+
+    def set_vteps(self, vteps: Mapping[str, IPv4Address]) -> None:
+        """Next hop → remote VTEP address (:func:`node_vteps`); VXLAN routes follow changes."""
+        if dict(vteps) != self.vteps:
+            self.vteps = dict(vteps)
             self._spec_cache.clear()
             self._dirty.update(self._next_hops)
 
@@ -286,7 +324,7 @@ class Fib:
         requests: list[tuple[Op, RouteMsg]] = []
         meta: list[tuple[str, str, tuple[int, Signature | None] | None]] = []
         metric = self.metric
-        tunl = 0
+        devices: dict[str, int] = {}  # tunnel device → ifindex, looked up once per apply
         # hot loop (100k routes at a session's start): locals, no per-route method calls on the common path
         next_hops, actual, want_map, adopted = self._next_hops, self._actual, self._want, self._adopted
         conflicts, cache, pools, unroutable = self._conflicts, self._spec_cache, self.pools, self._unroutable
@@ -326,17 +364,19 @@ class Fib:
             if prefix in conflicts:
                 continue
             if spec.onlink:
+                tunl = devices.get(spec.dev, 0)
                 if not tunl:
-                    link = self._sock().link(TUNL)
+                    link = self._sock().link(spec.dev)
                     if link is None:
-                        self._unroutable[prefix] = f"{spec.describe()} (no {TUNL})"
+                        self._unroutable[prefix] = f"{spec.describe()} (no {spec.dev})"
+                        self._dirty.add(prefix)  # felix creates the device: retried at the next apply
                         continue
-                    tunl = link.ifindex
+                    tunl = devices[spec.dev] = link.ifindex
                 msg = self._message(packed, plen, spec, tunl)
             elif len(spec.hops) == 1:
                 msg = RouteMsg(af, packed, plen, TABLE, PROTO_BGPD, scope, unicast, metric, 0, spec.hops[0][0], 0)
             else:
-                msg = self._message(packed, plen, spec, tunl)
+                msg = self._message(packed, plen, spec, 0)
             if have is None or have[0] != metric:
                 requests.append((create, msg))
                 meta.append((prefix, "add", have))
@@ -382,7 +422,7 @@ class Fib:
             if key in self._spec_cache:
                 spec = self._spec_cache[key]
             else:
-                spec = self._spec_cache[key] = route_spec(hops, mode, self.connected)
+                spec = self._spec_cache[key] = route_spec(hops, mode, self.connected, self.vteps)
         else:
             spec = None  # never shadow a connected subnet
         if spec is None:
