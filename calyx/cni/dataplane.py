@@ -36,6 +36,9 @@ GATEWAY4 = ipaddress.IPv4Address("169.254.1.1")
 GATEWAY6 = ipaddress.IPv6Address("fe80::1")
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 FELIX_PROTO = 78
+#: felix's route metric (calyx.kernel.routetable.DEFAULT_METRIC, not imported: start-up cost). The same
+#: (destination, metric) key makes felix adopt this route instead of adding a second one beside it.
+FELIX_METRIC = 1024
 DEFAULT4 = ipaddress.IPv4Network("0.0.0.0/0")
 DEFAULT6 = ipaddress.IPv6Network("::/0")
 
@@ -146,7 +149,8 @@ def _configure(
                     raise
                 # another interface of this container (another network) has the default route: keep it
         for n in nets:
-            host.add_route(n, oif=hl.ifindex, proto=FELIX_PROTO, scope=RT_SCOPE_LINK, replace=True)
+            host.add_route(n, oif=hl.ifindex, proto=FELIX_PROTO, scope=RT_SCOPE_LINK, replace=True,
+                           metric=FELIX_METRIC)
         return tuple(defaults)
     except NetlinkError as exc:
         raise CNIError(PLUGIN_ERROR, f"wiring {host_iface}/{ifname} failed: {exc}") from None

@@ -259,7 +259,7 @@ class Netlink:
 
     def add_route(
         self, dst: IPNet, *, oif: int, gateway: IPAddr | None = None, onlink: bool = False, proto: int = 3,
-        scope: int | None = None, replace: bool = False,
+        scope: int | None = None, replace: bool = False, metric: int | None = None,
     ) -> None:
         family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
         if scope is None:
@@ -271,6 +271,8 @@ class Netlink:
         body += _rta(RTA_OIF, struct.pack("=i", oif))
         if gateway is not None:
             body += _rta(RTA_GATEWAY, gateway.packed)
+        if metric is not None:
+            body += _rta(RTA_PRIORITY, struct.pack("=I", metric))
         flags = NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
         self._request(RTM_NEWROUTE, flags, body, f"add route {dst}" + (f" via {gateway}" if gateway else ""))
 

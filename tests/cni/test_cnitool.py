@@ -71,6 +71,7 @@ def test_add_check_del_two_containers_ping(cni_host: CniHost, cnitool: str, pool
     assert h.host.run("cat", f"/proc/sys/net/ipv4/conf/{hv}/forwarding").strip() == "1"
     routes = {r["dst"]: r for r in h.host.ip_json("route", "show")}
     assert routes[str(a1)]["dev"] == hv and routes[str(a1)]["protocol"] in ("78", "calyx-felix")
+    assert routes[str(a1)]["metric"] == 1024  # felix's metric: felix adopts the route instead of adding a twin
     # the endpoint
     [ep_kv] = [kv for kv in h.ds.get_prefix(keys.workloads_prefix(h.node))[0] if kv.value and hv in kv.value.decode()]
     ep = model.decode(ep_kv.key, ep_kv.value)

@@ -82,3 +82,11 @@ def test_netconf_errors() -> None:
     assert exc.value.code == spec.INCOMPATIBLE_VERSION
     v = spec.parse_netconf(b"garbage", command="VERSION")
     assert v.cni_version == "1.1.0"
+
+
+def test_host_route_key_matches_felix() -> None:
+    """The plugin's host route must have felix's (proto, metric) so felix adopts it, not adds a twin."""
+    from calyx.cni import dataplane
+    from calyx.kernel import routetable
+
+    assert (dataplane.FELIX_PROTO, dataplane.FELIX_METRIC) == (routetable.PROTO_FELIX, routetable.DEFAULT_METRIC)
