@@ -10,7 +10,9 @@ pool and IPAM block the syncer delivered) and the derived facts the dataplane ne
 * the rule ipsets those active rules reference, and their members: the addresses of every endpoint
   in the cluster whose labels (own labels plus its profiles' ``labels_to_apply``; the endpoint's
   own win) match the selector, or the nets listed in the rule;
-* the IP pools (for NAT outgoing) and the IPAM blocks affine to this node (blackhole routes).
+* the IP pools (for NAT outgoing) and the IPAM blocks affine to this node (blackhole routes);
+* the nodes (their addresses: the ipset of hosts tunnel traffic may come from, and the tunnel
+  manager's VXLAN peers).
 
 It does no I/O and keeps no history: updates are keyed (a later update of a key replaces the
 earlier one) and every change marks what it affects dirty; :meth:`Calculator.take_dirty` hands the
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from calyx import selector as selectors
 from calyx.datastore import keys
 from calyx.datastore.keys import Kind
-from calyx.model import IPAMBlock, IPPool, Policy, Profile, Rule, WorkloadEndpoint
+from calyx.model import IPAMBlock, IPPool, Node, Policy, Profile, Rule, WorkloadEndpoint
 from felix import rules
 from felix.rules import EndpointPlan
 
@@ -48,9 +50,11 @@ class Dirty:
     ipsets: set[str] = field(default_factory=set)  # rule ipset ids
     pools: bool = False
     blocks: bool = False
+    nodes: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.endpoints or self.policies or self.profiles or self.ipsets or self.pools or self.blocks)
+        return bool(self.endpoints or self.policies or self.profiles or self.ipsets or self.pools or self.blocks
+                    or self.nodes)
 
     def merge(self, other: Dirty) -> None:
         self.endpoints |= other.endpoints
@@ -59,6 +63,7 @@ class Dirty:
         self.ipsets |= other.ipsets
         self.pools |= other.pools
         self.blocks |= other.blocks
+        self.nodes |= other.nodes
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Calculator:
         self.policies: dict[str, Policy] = {}
         self.pools: dict[str, IPPool] = {}
         self.blocks: dict[str, IPAMBlock] = {}
+        self.nodes: dict[str, Node] = {}
         self._labels: dict[str, dict[str, str]] = {}
         self._local: set[str] = set()
         self._by_profile: dict[str, set[str]] = {}  # profile -> endpoint keys (all nodes)
@@ -109,6 +115,9 @@ class Calculator:
             self.blocks[name] = obj
             if old is None or old.node != obj.node or old.cidr != obj.cidr:
                 self._dirty.blocks = True
+        elif isinstance(obj, Node) and self.nodes.get(obj.name) != obj:
+            self.nodes[obj.name] = obj
+            self._dirty.nodes = True
 
     def on_delete(self, key: str) -> None:
         info = keys.parse_key(key)
@@ -130,6 +139,8 @@ class Calculator:
                 return
             if self.blocks.pop(cidr, None) is not None:
                 self._dirty.blocks = True
+        elif info.kind is Kind.NODE and self.nodes.pop(info.name, None) is not None:
+            self._dirty.nodes = True
 
     def take_dirty(self) -> Dirty:
         d, self._dirty = self._dirty, Dirty()
@@ -142,7 +153,7 @@ class Calculator:
         d.policies |= set(self.policies)
         d.profiles |= set(self.profiles)
         d.ipsets |= set(self._sets)
-        d.pools = d.blocks = True
+        d.pools = d.blocks = d.nodes = True
 
     # --- endpoints ----------------------------------------------------------------------------
 

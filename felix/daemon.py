@@ -42,6 +42,7 @@ from felix import iptables, status
 from felix.calc import Calculator
 from felix.dataplane import Dataplane
 from felix.endpoints import EndpointManager, LinkWatcher
+from felix.tunnels import TunnelManager
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ PREFIXES = (
     keys.POLICIES_PREFIX,
     keys.IPPOOLS_PREFIX,
     keys.IPAM_BLOCKS_PREFIX,
+    keys.NODES_PREFIX,  # tunnel peers, the hosts ipset, this node's labels and address
 )
 RETRY_MIN = 0.1
 MAX_STATUS_ERRORS = 20
@@ -74,7 +76,9 @@ class _Timer:
         self.due = now + _jitter(self.interval) if self.interval > 0 else float("inf")
 
 
-def build_dataplane(cfg: calyx_config.Config, calc: Calculator) -> Dataplane:
+def build_dataplane(cfg: calyx_config.Config, calc: Calculator, ds: Datastore | None = None) -> Dataplane:
+    """felix's dataplane; ``ds`` lets the tunnel manager allocate and publish tunnel addresses (without
+    it, e.g. for ``felix dump``, tunnels are only rendered)."""
     backend = iptables.detect_backend(cfg.iptables_backend)
     versions = (4, 6) if iptables.available(backend, 6) else (4,)
     log.info("iptables backend=%s versions=%s", backend, ",".join(map(str, versions)))
@@ -84,8 +88,10 @@ def build_dataplane(cfg: calyx_config.Config, calc: Calculator) -> Dataplane:
         if not ok:
             status.RESTORE_FAILURES.labels(table=table).inc()
 
+    tunnels = TunnelManager(cfg.node_name, ds, state_dir=cfg.state_dir, tunnel_mtu=cfg.tunnel_mtu)
     return Dataplane(calc, backend=backend, versions=versions,
-                     endpoints=EndpointManager(ip_forwarding=cfg.ip_forwarding), on_restore=on_restore)
+                     endpoints=EndpointManager(ip_forwarding=cfg.ip_forwarding), on_restore=on_restore,
+                     tunnels=tunnels)
 
 
 class Felix:
@@ -96,7 +102,7 @@ class Felix:
         self.cfg = cfg
         self.ds = ds
         self.calc = Calculator(cfg.node_name)
-        self.dataplane = build_dataplane(cfg, self.calc)
+        self.dataplane = build_dataplane(cfg, self.calc, ds)
         self.leased = LeasedStatus(ds, cfg.status_ttl)
         self.reporter = status.StatusReporter(self.leased, cfg.node_name, endpoint_status=cfg.endpoint_status,
                                               version=VERSION)
@@ -111,12 +117,16 @@ class Felix:
         self._retry_delay = RETRY_MIN
         self._retry_at: float | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="felix-apply")
-        ep = self.dataplane.endpoints
         self._timers = [
-            _Timer(cfg.route_refresh_interval, "routes", ep.resync),
+            _Timer(cfg.route_refresh_interval, "routes", self._resync_routes),
             _Timer(cfg.iptables_refresh_interval, "iptables", self._resync_iptables),
             _Timer(cfg.ipset_refresh_interval, "ipsets", self.dataplane.ipsets.resync),
         ]
+
+    def _resync_routes(self) -> None:
+        self.dataplane.endpoints.resync()
+        if self.dataplane.tunnels is not None:
+            self.dataplane.tunnels.resync()
 
     def _resync_iptables(self) -> None:
         for table in self.dataplane.tables.values():

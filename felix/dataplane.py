@@ -6,7 +6,9 @@ part (Calico's ``OnUpdate``): it renders only what the calculation marked dirty 
 desired state, with no I/O. :meth:`Dataplane.apply` is ``CompleteDeferredWork``:
 
 1. ipsets created and updated (rules may reference them from now on);
-2. routes and interface sysctls (:class:`~felix.endpoints.EndpointManager`);
+2. tunnel devices, tunnel addresses and the workload MTU file (:class:`~felix.tunnels.TunnelManager`,
+   when felix runs with a datastore), then routes and interface sysctls
+   (:class:`~felix.endpoints.EndpointManager`);
 3. iptables: filter (IPv4, IPv6), then nat (IPv4);
 4. ipsets no longer referenced destroyed.
 
@@ -28,6 +30,7 @@ from felix.calc import Calculator, Dirty, IPNet
 from felix.endpoints import EndpointApply, EndpointManager
 from felix.ipsets import IpsetError, IpsetStats, IpsetTable
 from felix.iptables import ApplyStats, IptablesError, IptablesTable, split_save
+from felix.tunnels import TunnelApply, TunnelManager, host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class ApplyReport:
     ipset_deletes: IpsetStats | None = None
     endpoints: EndpointApply | None = None
     iptables: dict[str, ApplyStats] = field(default_factory=dict)
+    tunnels: TunnelApply | None = None
 
     @property
     def did_work(self) -> bool:
@@ -49,6 +53,7 @@ class ApplyReport:
             or (self.endpoints and self.endpoints.routes.did_work)
             or (self.endpoints and self.endpoints.sysctl_writes)
             or any(s.did_work for s in self.iptables.values())
+            or (self.tunnels and self.tunnels.did_work)
             or self.errors
         )
 
@@ -63,6 +68,8 @@ class ApplyReport:
             r = self.endpoints.routes
             parts.append(f"routes_added={r.added} routes_changed={r.changed} routes_removed={r.removed} "
                          f"routes_pending={r.pending} sysctls={self.endpoints.sysctl_writes}")
+        if self.tunnels is not None and self.tunnels.changes:
+            parts.append(f"tunnel_changes={len(self.tunnels.changes)}")
         for name, s in self.iptables.items():
             parts.append(f"{name}=+{s.rules_inserted}/-{s.rules_deleted}/chains+{s.chains_written}"
                          f"-{s.chains_deleted}")
@@ -83,8 +90,11 @@ class Dataplane:
         ipsets: IpsetTable | None = None,
         runner: Callable[..., cmd.CommandResult] = cmd.run,
         on_restore: Callable[[str, bool], None] | None = None,
+        tunnels: TunnelManager | None = None,
     ) -> None:
         self.calc = calc
+        self.tunnels = tunnels
+        self._tunnel_modes = (False, False)
         self._runner = runner
         self.versions = versions
         self.endpoints = endpoints if endpoints is not None else EndpointManager()
@@ -219,6 +229,22 @@ class Dataplane:
             self.ipsets.set_members(rules.ipset_name(rules.ALL_POOLS, 4), every)
         if dirty.blocks:
             self.endpoints.set_blocks(calc.affine_blocks())
+        if self.tunnels is not None and (dirty.pools or dirty.nodes):
+            self._update_tunnels()
+
+    def _update_tunnels(self) -> None:
+        """Tunnel manager input, the hosts ipset and the INPUT rules for tunnel traffic (no I/O)."""
+        assert self.tunnels is not None
+        self.tunnels.update(self.calc.pools, self.calc.nodes)
+        modes = (self.tunnels.ipip, self.tunnels.vxlan)
+        hosts = rules.ipset_name(rules.ALL_HOSTS, 4)
+        if any(modes):
+            self.ipsets.set_members(hosts, host_addresses(self.calc.nodes))
+        else:
+            self.ipsets.remove_set(hosts)
+        if modes != self._tunnel_modes and 4 in self.filter:
+            self._tunnel_modes = modes
+            self.filter[4].set_chains({rules.INPUT: rules.hook_chains(4, ipip=modes[0], vxlan=modes[1])[rules.INPUT]})
 
     def _unprogram(self, version: int, iface: str, dirty_groups: set[str | None],
                    roots_changed: dict[int, bool]) -> None:
@@ -282,6 +308,9 @@ class Dataplane:
             report.ipsets = self.ipsets.apply_updates()
         except (IpsetError, cmd.CommandError) as exc:
             report.errors.append(f"ipsets: {exc}")
+        if self.tunnels is not None:
+            report.tunnels = self.tunnels.apply()
+            report.errors += report.tunnels.errors
         try:
             report.endpoints = self.endpoints.apply()
             if report.endpoints.routes.failed:

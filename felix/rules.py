@@ -71,6 +71,8 @@ FROM_DISPATCH = "calyx-from-wl-dispatch"
 TO_DISPATCH = "calyx-to-wl-dispatch"
 NAT_POOLS = "natpools"
 ALL_POOLS = "allpools"
+ALL_HOSTS = "all-hosts"  # every node's IPv4 address: the only accepted sources of tunnel traffic
+VXLAN_PORT = 4789
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MULTIPORT_SLOTS = 15
@@ -393,8 +395,22 @@ def dispatch_chains(sources: Sources) -> dict[str, list[IptRule]]:
     return out
 
 
-def hook_chains(version: int) -> dict[str, list[IptRule]]:
-    """calyx-FORWARD, calyx-INPUT, calyx-OUTPUT (filter table)."""
+def tunnel_input_rules(*, ipip: bool, vxlan: bool) -> list[IptRule]:
+    """IPv4 INPUT: IP-in-IP (protocol 4) and VXLAN (UDP 4789) accepted only from cluster nodes'
+    addresses (ipset ``calyx4-all-hosts``), dropped from anyone else (nothing when no tunnel is in use)."""
+    hosts = f"-m set --match-set {ipset_name(ALL_HOSTS, 4)} src"
+    out: list[IptRule] = []
+    if ipip:
+        out += [(f"-p 4 {hosts}", "-j ACCEPT"), ("-p 4", "-j DROP")]
+    if vxlan:
+        out += [(f"-p udp -m udp --dport {VXLAN_PORT} {hosts} -m addrtype --dst-type LOCAL", "-j ACCEPT"),
+                (f"-p udp -m udp --dport {VXLAN_PORT}", "-j DROP")]
+    return out
+
+
+def hook_chains(version: int, *, ipip: bool = False, vxlan: bool = False) -> dict[str, list[IptRule]]:
+    """calyx-FORWARD, calyx-INPUT, calyx-OUTPUT (filter table); with ``ipip``/``vxlan`` (IPv4), the
+    INPUT chain starts with :func:`tunnel_input_rules`."""
     wl = WORKLOAD_PREFIX + "+"
     fwd: list[IptRule] = []
     for d in ("-i", "-o"):
@@ -409,7 +425,8 @@ def hook_chains(version: int) -> dict[str, list[IptRule]]:
         (f"-i {wl}", "-j ACCEPT"),
         (f"-o {wl}", "-j ACCEPT"),
     ]
-    inp: list[IptRule] = [
+    inp: list[IptRule] = tunnel_input_rules(ipip=ipip, vxlan=vxlan) if version == 4 else []
+    inp += [
         (f"-i {wl} -m conntrack --ctstate INVALID", "-j DROP"),
         (f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
     ]

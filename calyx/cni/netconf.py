@@ -12,6 +12,10 @@ Where the cluster is found (first match wins, per field):
 Runtimes do not always pass their environment to plugins (containerd does not), so the
 network configuration is the dependable place; docs/cni.md lists every field.
 
+MTU: the configuration's ``mtu``; when it sets none (or 0), the MTU felix computed for this host and
+wrote to ``<state_dir>/mtu`` while a tunnel is in use (``state_dir``: the configuration's field, else
+/var/lib/calyx; Calico reads /var/lib/calico/mtu the same way); else the kernel's default.
+
 Identity: the endpoint is ``workloads/<node>/<orchestrator>/<workload>/<ifname>``. ``workload`` is
 ``<K8S_POD_NAMESPACE>.<K8S_POD_NAME>`` when both are in CNI_ARGS, ``K8S_POD_NAME`` alone (podman
 passes the container name there), else the container id. The IPAM handle is
@@ -153,6 +157,22 @@ class PluginConf(NamedTuple):
     labels: dict[str, str] = {}
     readiness_timeout: float = 0.0
     readiness_poll: float = 0.1
+
+
+DEFAULT_STATE_DIR = "/var/lib/calyx"
+
+
+def felix_mtu(raw: Mapping[str, Any]) -> int:
+    """The workload MTU felix wrote to ``<state_dir>/mtu`` (0 if there is none or it is not a valid MTU)."""
+    state_dir = raw.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir:
+        raise CNIError(INVALID_CONFIG, "state_dir must be a directory path")
+    try:
+        with open(os.path.join(state_dir, "mtu")) as f:
+            mtu = int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+    return mtu if 68 <= mtu <= 65535 else 0
 
 
 def plugin_conf(nc: NetConf, env: Env) -> PluginConf:

@@ -33,7 +33,7 @@ from typing import Any
 
 from calyx.cni import spec
 from calyx.cni.ipam_plugin import errors_translated
-from calyx.cni.netconf import Cluster, Identity, PluginConf, cluster_from, identity, plugin_conf
+from calyx.cni.netconf import Cluster, Identity, PluginConf, cluster_from, felix_mtu, identity, plugin_conf
 from calyx.cni.spec import CNIError, Env, NetConf
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -152,7 +152,7 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
         nets = _host_nets(spec.normalize_result(ipam_result))
         if not nets:
             raise CNIError(spec.IPAM_ERROR, f"IPAM plugin {ipam_type} returned no address")
-        wired = dataplane.setup(env.netns, env.ifname, ident.host_iface, nets, mtu=pc.mtu)
+        wired = dataplane.setup(env.netns, env.ifname, ident.host_iface, nets, mtu=pc.mtu or felix_mtu(nc.raw))
         try:
             ep = _endpoint(cluster, ident, pc, nets, wired.mac)
             from calyx import model
