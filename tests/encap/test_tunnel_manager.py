@@ -85,9 +85,9 @@ def test_dataplane_renders_tunnel_input_rules_and_hosts_ipset(tmp_path: Path) ->
     assert f"-p 4 -m set --match-set {hosts} src" in text and "-p 4 -m comment" in text  # accept, then drop
     assert text.index("ACCEPT") < text.index("DROP")
     assert "4789" not in text and "-p 4" not in inp(6)
-    assert dp.ipsets.members(hosts) == {"10.0.1.1", "10.0.2.1"}
+    assert dp.ipsets.members(hosts) == frozenset({"10.0.1.1", "10.0.2.1"})
     feed(node("c", ipv4="10.0.3.1/24"))
-    assert dp.ipsets.members(hosts) == {"10.0.1.1", "10.0.2.1", "10.0.3.1"}
+    assert dp.ipsets.members(hosts) == frozenset({"10.0.1.1", "10.0.2.1", "10.0.3.1"})
     feed(pool("p", "10.65.0.0/16", vxlan_mode="Always"))
     text = inp(4)
     assert "-p 4" not in text and "--dport 4789" in text and f"--match-set {hosts} src" in text
