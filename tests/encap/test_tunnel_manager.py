@@ -14,7 +14,7 @@ import pytest
 
 from calyx import model
 from calyx.datastore import keys
-from calyx.kernel.tunnels import VXLAN_DEVICE, vtep_mac
+from calyx.kernel.tunnels import VXLAN_DEVICE, TunnelError, vtep_mac
 from calyx.model import IPPool, Node
 from felix import rules
 from felix.calc import Calculator
@@ -190,6 +190,8 @@ def test_manager_against_etcd_and_kernel(etcd_fresh: EtcdMember, netns: Callable
         other.update(*snapshot(ds))
         res = other.apply()
         assert any("has no ipv4" in e for e in res.errors), res.errors
+        with pytest.raises(TunnelError, match="does not exist"):
+            other._publish({"ipip_tunnel_address": "10.65.0.1"})  # what enabling IP-in-IP ends with
         assert ds.get(keys.node_key("ghost")) is None
     finally:
         ds.close()
