@@ -119,3 +119,27 @@ def test_switch_to_always_reprograms_without_restart(topo: Topo) -> None:
     assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2), 20, "w1 → w3")
     text = cap.stop()
     assert re.search(r"10\.31\.1\.1\.\d+ > 10\.31\.1\.3\.4789: VXLAN.*vni 4096", text), text
+
+
+def test_ipip_pool_on_a_kernel_without_ipip_is_reported_and_felix_goes_on(topo: Topo) -> None:
+    """Last: this machine's kernel has no ipip. felix says so in its log and status, keeps running and
+    keeps programming the rest (VXLAN is taken down, same-subnet workloads still talk directly)."""
+    if topo.hosts["h1"].run("ip", "link", "show", "tunl0", check=False).strip():
+        pytest.skip("this kernel has ipip (the UML test covers IP-in-IP)")
+    topo.cluster.pool("encap", "10.66.0.0/16", ipip_mode="CrossSubnet", block_size=26)
+    ds = topo.cluster.ds
+
+    def reported() -> bool:
+        kv = ds.get(keys.felix_status_key("h1"))
+        errors = json.loads(kv.value).get("errors", []) if kv else []
+        return any("no IP-in-IP support" in e for e in errors)
+
+    wait_for(reported, 30, "felix h1 to report the missing ipip module in its status")
+    assert "ERROR" in topo.felix_logs["h1"].read_text() and "no IP-in-IP support" in topo.felix_logs["h1"].read_text()
+    h1 = topo.hosts["h1"]
+    wait_for(lambda: not h1.run("ip", "link", "show", VXLAN_DEVICE, check=False).strip(), 20, "vxlan.calyx removed")
+    assert (topo.work / "felix-h1" / "state" / "mtu").read_text().strip() == "1480"
+    wait_route(h1, block_of(topo.wl_ip["h3"]), ["10.31.1.3"], timeout=30, what="h3's block direct again")
+    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2), 20, "w1 → w3")
+    for name in ("h1", "h2", "h3"):
+        assert "Traceback" not in topo.felix_logs[name].read_text(), name
