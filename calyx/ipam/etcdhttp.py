@@ -245,12 +245,16 @@ class HttpStore:
             if auth and attempt == 1 and self._username is not None and "token" in message:
                 self._authenticate()
                 continue
-            if status == 503 and message == "connection closed":
+            if status == 503:
+                # The gateway answered but could not reach etcd's own gRPC service: with client-cert-auth,
+                # a server certificate without clientAuth gives "connection closed" (or, under load, a dial
+                # timeout). Either way the gRPC client may still work, so the plugins fall back to it; if
+                # etcd itself is down, that client says so.
                 raise GatewayUnavailable(
-                    f"etcd's JSON gateway cannot reach etcd's gRPC service ({message}): with client-cert-auth "
+                    f"etcd's JSON gateway cannot reach etcd's gRPC service ({message}); with client-cert-auth "
                     f"the server certificate must also allow clientAuth"
                 )
-            if status in (502, 503, 504):
+            if status in (502, 504):
                 raise StoreUnavailable(f"etcd {path}: {message}")
             raise StoreError(f"etcd {path} (HTTP {status}): {message}")
         raise AssertionError("unreachable")
