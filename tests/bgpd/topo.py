@@ -17,17 +17,15 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
-from calyx.kernel.netns import socket_in
+from tests.fixtures.etcd import TcpProxy
 from tests.fixtures.netns import Netns
 from tests.fixtures.routers import wait_for
 
@@ -35,55 +33,11 @@ PROTO_BGPD = 79
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class EtcdForward:
-    """127.0.0.1:2379 inside ``ns`` → etcd on the machine's loopback."""
+class EtcdForward(TcpProxy):
+    """127.0.0.1:2379 inside ``ns`` → etcd on the machine's loopback (the shared :class:`TcpProxy`)."""
 
     def __init__(self, ns: Netns, upstream_port: int, port: int = 2379) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket_in(ns.name, socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(64)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self._conns: list[socket.socket] = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True, name=f"fwd-{ns.name}").start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.close()
+        super().__init__(upstream_port, netns=ns.name, port=port)
 
 
 class Bgpd:

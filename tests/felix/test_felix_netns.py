@@ -27,8 +27,7 @@ from calyx import selector
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
 from felix import rules
-from tests.felix.relay import Relay
-from tests.fixtures.etcd import EtcdMember
+from tests.fixtures.etcd import EtcdMember, TcpProxy
 from tests.fixtures.netns import Netns, netns_session
 
 pytestmark = [pytest.mark.privileged, pytest.mark.etcd]
@@ -78,7 +77,7 @@ class Lab:
         self.iface: dict[str, str] = {}
         for name, ip in WORKLOADS.items():
             self.add_workload(name, ip)
-        self.relay = Relay(self.host.name, etcd.client_port)
+        self.relay = TcpProxy(etcd.client_port, netns=self.host.name, port=2379)
         self.config = tmp / "calyx.toml"
         self.config.write_text("")
         self.felix: subprocess.Popen[bytes] | None = None
