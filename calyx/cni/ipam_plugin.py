@@ -22,8 +22,6 @@ exhausted pool or an unavailable fixed address are 101; a datastore refusal is 1
 from __future__ import annotations
 
 import ipaddress
-import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -228,26 +226,14 @@ def run(environ: Mapping[str, str], stdin: bytes) -> int:
             ipam_status(nc, env)
         else:
             raise CNIError(spec.INVALID_ENV, f"unknown CNI_COMMAND {env.command!r}")
-    except CNIError as exc:
-        spec.write_json(exc.to_dict(version))
-        return 1
-    except Exception as exc:  # a bug: still answer with the spec's error JSON, and keep the traceback
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)
-        spec.write_json(CNIError(spec.PLUGIN_ERROR, f"unexpected {type(exc).__name__}: {exc}").to_dict(version))
-        return 1
+    except Exception as exc:  # CNIError: our answer; anything else: a bug, answered the same way
+        return spec.answer_error(exc, version)
     return 0
 
 
 def main() -> None:
     """Entry point of ``calyx-ipam``."""
-    try:
-        stdin = sys.stdin.buffer.read()
-    except OSError as exc:
-        spec.fail(CNIError(spec.IO_FAILURE, f"cannot read stdin: {exc}"), "1.0.0")
-    code = run(os.environ, stdin)
-    sys.exit(code)
+    spec.main(run)
 
 
 if __name__ == "__main__":

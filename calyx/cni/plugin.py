@@ -330,25 +330,14 @@ def run(environ: Mapping[str, str], stdin: bytes) -> int:
         else:
             raise CNIError(spec.INVALID_ENV, f"unknown CNI_COMMAND {env.command!r} (ADD, DEL, CHECK, STATUS, GC, "
                                              f"VERSION)")
-    except CNIError as exc:
-        spec.write_json(exc.to_dict(version))
-        return 1
-    except Exception as exc:  # a bug: still answer with the spec's error JSON, and keep the traceback
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)
-        spec.write_json(CNIError(spec.PLUGIN_ERROR, f"unexpected {type(exc).__name__}: {exc}").to_dict(version))
-        return 1
+    except Exception as exc:  # CNIError: our answer; anything else: a bug, answered the same way
+        return spec.answer_error(exc, version)
     return 0
 
 
 def main() -> None:
     """Entry point of ``calyx``."""
-    try:
-        stdin = sys.stdin.buffer.read()
-    except OSError as exc:
-        spec.fail(CNIError(spec.IO_FAILURE, f"cannot read stdin: {exc}"), "1.0.0")
-    sys.exit(run(os.environ, stdin))
+    spec.main(run)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -192,6 +192,30 @@ def fail(err: CNIError, version: str) -> NoReturn:
     """Write the error JSON to stdout and exit 1 (the spec's way)."""
     write_json(err.to_dict(version))
     sys.exit(1)
+
+
+def answer_error(exc: Exception, version: str) -> int:
+    """Write the spec's error JSON for ``exc`` and return the exit code 1.
+
+    A :class:`CNIError` is the plugin's own answer; anything else is a bug, still answered with
+    the spec's error JSON, and its traceback goes to stderr.
+    """
+    if not isinstance(exc, CNIError):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        exc = CNIError(PLUGIN_ERROR, f"unexpected {type(exc).__name__}: {exc}")
+    write_json(exc.to_dict(version))
+    return 1
+
+
+def main(run: Callable[[Mapping[str, str], bytes], int]) -> NoReturn:
+    """A plugin's entry point: stdin and the environment in, ``run``'s exit code out."""
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError as exc:
+        fail(CNIError(IO_FAILURE, f"cannot read stdin: {exc}"), "1.0.0")
+    sys.exit(run(os.environ, stdin))
 
 
 def find_plugin(name: str, path: Sequence[str]) -> str:
