@@ -49,8 +49,7 @@ from calyx.kernel import netns  # noqa: E402
 from felix import rules  # noqa: E402
 from felix.calc import Calculator  # noqa: E402
 from felix.dataplane import Dataplane  # noqa: E402
-from tests.felix.relay import Relay  # noqa: E402
-from tests.fixtures.etcd import new_member  # noqa: E402
+from tests.fixtures.etcd import TcpProxy, new_member  # noqa: E402
 from tests.fixtures.netns import Netns, create_netns  # noqa: E402
 
 NODE = "bench-node"
@@ -246,7 +245,7 @@ def bench_daemon(n: int, backend: str, tmp: Path) -> dict[str, float]:
         for k in range(0, len(items), MAX_TXN_OPS):
             ds.commit([Put(key, value) for key, value in items[k:k + MAX_TXN_OPS]])
         with namespace() as ns:
-            relay = Relay(ns.name, member.client_port)
+            relay = TcpProxy(member.client_port, netns=ns.name, port=2379)
             cfg = tmp / "calyx.toml"
             cfg.write_text("")
             env = dict(os.environ, CALYX_CONFIG=str(cfg), CALYX_NODE_NAME=NODE,
