@@ -38,7 +38,6 @@ recursion limit.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -301,6 +300,8 @@ class Selector:
         setter(self, "evaluate", _compile(root))
         setter(self, "canonical", canonical)
         # surrogatepass: a lone surrogate (possible in JSON input) must hash, not raise.
+        import hashlib  # only for unique ids: keeps the import cheap for start-up-bound callers (CNI)
+
         digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
         setter(self, "unique_id", digest[:16])
         setter(self, "label_keys", frozenset(keys))

@@ -176,3 +176,32 @@ def test_workload_names_are_paths() -> None:
         info.key_for_name("c1")
     blk = model.kind_info("block")
     assert blk.key_for_name("10.65.0.0/26") == blk.key_for_name("10.65.0.0-26") == "/calyx/v1/ipam/blocks/10.65.0.0-26"
+
+
+def test_lazy_kinds_load_on_first_use_and_behave_like_the_others() -> None:
+    """policy and status are imported on first use; a fresh interpreter doing what a CNI ADD does
+    (pools, blocks, endpoints) must not load them, and every name must still resolve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from calyx import model\n"
+        "import calyx.cni.plugin, calyx.cni.dataplane, calyx.ipam.allocator\n"
+        "from calyx.datastore import keys\n"
+        "model.decode(keys.ippool_key('p'), b'{\"cidr\": \"10.0.0.0/16\"}')\n"
+        "assert 'calyx.model.policy' not in sys.modules, 'policy loaded'\n"
+        "assert 'calyx.model.status' not in sys.modules, 'status loaded'\n"
+        "assert 'calyx.selector' not in sys.modules, 'selector loaded for an all() pool'\n"
+        "p = model.decode(keys.policy_key('x'), b'{\"selector\": \"all()\"}')\n"
+        "assert type(p) is model.Policy and model.kind_of(p) is keys.Kind.POLICY\n"
+        "assert model.key_of(p) == keys.policy_key('x'), model.key_of(p)\n"
+        "assert model.Policy in model.Resource.__args__\n"
+        "from calyx.model import FelixStatus, Rule\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(AttributeError):
+        model.NoSuchKind  # noqa: B018
+    with pytest.raises(TypeError):
+        model.kind_of(object())  # type: ignore[arg-type]
