@@ -24,8 +24,9 @@ What counts as a change (:class:`KernelState`, pure, fed the raw datagrams):
 - ``ENOBUFS`` (the socket overflowed: notifications were lost) → resync, since anything may have
   happened.
 
-Which links have addresses is learned from an ``RTM_GETADDR`` dump sent on the same socket at start
-(its replies update the state without counting as changes) and then from the notifications.
+Links (names, flags) and which of them have addresses are learned from an ``RTM_GETLINK`` dump,
+then an ``RTM_GETADDR`` dump, sent on the same socket at start (their replies update the state
+without counting as changes), and then from the notifications.
 
 Debounce (:class:`Debounce`, pure): the first change opens a window; the daemon is told once the
 kernel has been quiet for ``quiet`` seconds (150 ms) or ``max_wait`` (1 s) after the first change,
@@ -53,6 +54,8 @@ PROTO_BGPD = 79
 QUIET = 0.15
 MAX_WAIT = 1.0
 RCVBUF = 4 << 20
+LINK_DUMP_SEQ = 1
+ADDR_DUMP_SEQ = 2
 
 # linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/filter.h
 RTNLGRP_LINK = 1
@@ -85,12 +88,13 @@ class KernelState:
     """What the watcher knows of the namespace's links and addresses, and what changed.
 
     :meth:`feed` takes one datagram and returns the reasons to resync it contains (empty: nothing
-    that can affect bgpd's routes). ``dump_seq`` marks replies to our own address dump: they
-    update the state and are not changes.
+    that can affect bgpd's routes). ``dump_seqs`` are the sequence numbers of our own dumps: their
+    replies update the state and are not changes; ``dumps_done`` collects those that finished.
     """
 
     devices: frozenset[str] = TUNNEL_DEVICES
-    dump_seq: int = -1
+    dump_seqs: frozenset[int] = frozenset()
+    dumps_done: set[int] = field(default_factory=set)
     links: dict[int, tuple[str, int]] = field(default_factory=dict)  # ifindex → (name, flags)
     addresses: dict[int, set[str]] = field(default_factory=dict)  # ifindex → {"a.b.c.d/len"}
     #: protocol-79 routes deleted since the last :meth:`take_deleted` (not reasons yet: the caller
@@ -105,11 +109,13 @@ class KernelState:
             if mlen < _HDR_LEN or pos + mlen > size:
                 reasons.append("malformed netlink message")
                 break
-            dump = seq == self.dump_seq and bool(mflags & rtnl.NLM_F_MULTI)
+            dump = seq in self.dump_seqs and bool(mflags & rtnl.NLM_F_MULTI)
             end = pos + mlen
-            if mtype in (RTM_NEWLINK, RTM_DELLINK) and mlen >= _HDR_LEN + _IFINFO.size:
+            if mtype == rtnl.NLMSG_DONE and seq in self.dump_seqs:
+                self.dumps_done.add(seq)
+            elif mtype in (RTM_NEWLINK, RTM_DELLINK) and mlen >= _HDR_LEN + _IFINFO.size:
                 why = self._link(data, pos + _HDR_LEN, end, deleted=mtype == RTM_DELLINK)
-                if why:
+                if why and not dump:
                     reasons.append(why)
             elif mtype in (RTM_NEWADDR, RTM_DELADDR) and mlen >= _HDR_LEN + _IFADDR.size:
                 why = self._address(data, pos + _HDR_LEN, end, deleted=mtype == RTM_DELADDR)
@@ -141,7 +147,7 @@ class KernelState:
         self.links[index] = (name, flags)
         up = "up" if flags & rtnl.IFF_UP else "down"
         if name in self.devices:
-            return f"{name} {'created' if old is None else 'changed'} ({up})"
+            return f"{name} {up}"
         if addressed and (old is None or (old[1] ^ flags) & rtnl.IFF_UP or change & rtnl.IFF_UP):
             return f"{name or index} {up}"
         return None
@@ -291,7 +297,7 @@ class LinkWatch:
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Open and subscribe, dump the addresses, and read on ``loop`` (default: the running one)."""
+        """Open and subscribe, dump links then addresses, and read on ``loop`` (default: the running one)."""
         self._loop = loop or asyncio.get_running_loop()
         sock = _netns.socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
                                 | socket.SOCK_CLOEXEC, rtnl.NETLINK_ROUTE)
@@ -304,10 +310,9 @@ class LinkWatch:
             attach_filter(sock)
             for group in GROUPS:
                 sock.setsockopt(rtnl.SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-            seq = 1
-            self.state.dump_seq = seq
-            sock.send(_HDR.pack(_HDR_LEN + 8, RTM_GETADDR, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP, seq, 0)
-                      + struct.pack("=BBBBi", socket.AF_INET, 0, 0, 0, 0))
+            self.state.dump_seqs = frozenset((LINK_DUMP_SEQ, ADDR_DUMP_SEQ))
+            sock.send(_HDR.pack(_HDR_LEN + _IFINFO.size, rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP,
+                                LINK_DUMP_SEQ, 0) + _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
         except BaseException:
             sock.close()
             raise
@@ -346,6 +351,9 @@ class LinkWatch:
             if not data:
                 break
             reasons.extend(self.state.feed(data))
+            if LINK_DUMP_SEQ in self.state.dumps_done:  # one dump at a time per socket: addresses next
+                self.state.dumps_done.discard(LINK_DUMP_SEQ)
+                self._send_addr_dump(sock)
         deleted = self.state.take_deleted()
         if deleted:
             # our own deletes are already forgotten by the FIB when their notifications are read
@@ -355,6 +363,14 @@ class LinkWatch:
                 reasons.append(f"{len(held) - 3} more protocol-79 routes deleted by someone else")
         if reasons:
             self.note(reasons)
+
+    @staticmethod
+    def _send_addr_dump(sock: socket.socket) -> None:
+        try:
+            sock.send(_HDR.pack(_HDR_LEN + _IFADDR.size, RTM_GETADDR, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP,
+                                ADDR_DUMP_SEQ, 0) + _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0))
+        except OSError as exc:  # then addressed links are learned from notifications only
+            log.warning("netlink address dump failed: %s", exc)
 
     def note(self, reasons: list[str]) -> None:
         """Changes seen now: (re)arm the debounce timer."""

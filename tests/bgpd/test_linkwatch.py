@@ -60,12 +60,21 @@ UP = rtnl.IFF_UP | rtnl.IFF_LOWER_UP
 # --- pure ------------------------------------------------------------------------------------------------
 
 
+def test_link_dump_replies_are_state_not_changes() -> None:
+    st = KernelState(dump_seqs=frozenset((1, 2)))
+    dumped = link(2, "up0", UP)
+    dumped = dumped[:6] + struct.pack("=H", rtnl.NLM_F_MULTI) + struct.pack("=I", 1) + dumped[12:]
+    assert st.feed(dumped) == [] and st.links == {2: ("up0", UP)}
+    assert st.feed(address(2, "10.99.0.1/24")) == ["address 10.99.0.1/24 added on up0"]
+    assert st.feed(link(2, "up0", UP)) == []  # known and unchanged
+
+
 def test_tunnel_devices_always_count_other_links_only_with_an_address() -> None:
     st = KernelState()
-    assert st.feed(link(7, "vxlan.calyx", 0)) == ["vxlan.calyx created (down)"]
-    assert st.feed(link(7, "vxlan.calyx", UP)) == ["vxlan.calyx changed (up)"]
+    assert st.feed(link(7, "vxlan.calyx", 0)) == ["vxlan.calyx down"]
+    assert st.feed(link(7, "vxlan.calyx", UP)) == ["vxlan.calyx up"]
     assert st.feed(link(7, "vxlan.calyx", UP, deleted=True)) == ["vxlan.calyx deleted"]
-    assert st.feed(link(3, "tunl0", UP)) == ["tunl0 created (up)"]
+    assert st.feed(link(3, "tunl0", UP)) == ["tunl0 up"]
     # a workload veth: no IPv4 address, so it carries no route of ours
     assert st.feed(link(9, "cali1234", UP)) == []
     assert st.feed(link(9, "cali1234", 0)) == []
@@ -73,11 +82,12 @@ def test_tunnel_devices_always_count_other_links_only_with_an_address() -> None:
 
 
 def test_addresses_from_the_dump_are_state_and_later_ones_are_changes() -> None:
-    st = KernelState(dump_seq=1)
+    st = KernelState(dump_seqs=frozenset((1, 2)))
     data = address(2, "10.99.0.1/24", seq=1, flags=rtnl.NLM_F_MULTI) + address(4, "192.0.2.1/32", seq=1,
                                                                                 flags=rtnl.NLM_F_MULTI)
     assert st.feed(data) == []  # several messages in one datagram, none of them a change
     assert st.addresses == {2: {"10.99.0.1/24"}, 4: {"192.0.2.1/32"}}
+    assert st.feed(_msg(rtnl.NLMSG_DONE, b"\0" * 4, seq=1)) == [] and st.dumps_done == {1}
     assert st.feed(link(2, "up0", UP)) == ["up0 up"]  # first sight of an addressed link: conservative
     assert st.feed(link(2, "up0", UP)) == []  # nothing changed
     assert st.feed(link(2, "up0", rtnl.IFF_UP)) == []  # carrier only: the kernel keeps the routes
@@ -227,8 +237,9 @@ def _routed(h: Netns) -> bool:
             and "onlink" in r.get("flags", []) and "10.65.2.77/32" in routes)
 
 
-def _repair_scenario(h: Netns, fib: Fib, *, watch: bool, change: Callable[[], None],
-                     timeout: float = 2.0) -> tuple[float | None, list[list[str]]]:
+def _repair_scenario(h: Netns, fib: Fib, *, watch: bool, change: Callable[[], None], timeout: float = 2.0,
+                     check: Callable[[Netns], bool] = _routed, removes: bool = True,
+                     ) -> tuple[float | None, list[list[str]]]:
     """What the daemon does, minus BGP: on a change, ``fib.resync()`` then apply. Returns how long
     the route took to come back after ``change`` (None: not within ``timeout``) and the reasons."""
     fired: list[list[str]] = []
@@ -244,8 +255,9 @@ def _repair_scenario(h: Netns, fib: Fib, *, watch: bool, change: Callable[[], No
             w.start()
         try:
             await asyncio.to_thread(change)
-            assert not await asyncio.to_thread(_routed, h), "the change did not remove the routes"
-            return await _poll(lambda: _routed(h), timeout)
+            if removes:
+                assert not await asyncio.to_thread(check, h), "the change did not remove the routes"
+            return await _poll(lambda: check(h), timeout)
         finally:
             w.close()
 
@@ -297,6 +309,32 @@ def test_vxlan_device_flap_and_foreign_delete_are_repaired(netns: Callable[[], N
 
         _, fired = _repair_scenario(h, fib, watch=True, change=withdraw, timeout=0.5)
         assert fired == []
+    finally:
+        fib.close()
+
+
+@pytest.mark.privileged
+def test_a_next_hop_that_becomes_connected_is_routed_at_once(netns: Callable[[], Netns]) -> None:
+    h, peer = netns(), netns()
+    create_veth(h, peer, None, "10.98.0.2/24", name_a="up1", name_b="up1")
+    fib = Fib(20, netns=h.name)
+    try:
+        fib.resync()
+        fib.update({"10.66.0.0/24": ("10.98.0.2",)})
+        fib.apply(sweep=True)
+        assert "10.66.0.0/24" in fib.unroutable  # 10.98.0.2 is not on a connected subnet yet
+
+        def routed(_h: Netns) -> bool:
+            r = kernel_routes(h).get("10.66.0.0/24")
+            return r is not None and r.get("gateway") == "10.98.0.2"
+
+        def add_address() -> None:  # an operator (or DHCP) adds the uplink's address
+            h.ip("addr", "add", "10.98.0.1/24", "dev", "up1")
+
+        took, fired = _repair_scenario(h, fib, watch=True, change=add_address, check=routed,
+                                       removes=False)
+        assert took is not None and took < 1.5
+        assert any("address 10.98.0.1/24 added on up1" in r for rs in fired for r in rs)
     finally:
         fib.close()
 
