@@ -39,6 +39,7 @@ from bgpd.announce import OutAttrs, desired_announcements
 from bgpd.exabgp import ChannelError, ExaBGP
 from bgpd.exaconf import build as build_exaconf
 from bgpd.fib import Fib, node_vteps
+from bgpd.linkwatch import LinkWatch
 from bgpd.peering import LocalIdentity, Neighbor, desired_peers, local_identity
 from bgpd.rib import LocalInfo, PeerInfo, Rib, reflect
 from bgpd.status import EXABGP_RESTARTS, FIB_APPLY_SECONDS, GARBAGE_LINES, PREFIXES, StatusReporter
@@ -71,6 +72,9 @@ class Session:
     full_needed: bool = False
     eor_received: bool = False
     last_error: str | None = None
+    #: monotonic time until which the peer is left out of ExaBGP's configuration (max_prefixes)
+    held_until: float | None = None
+    limit_trips: int = 0
 
     @property
     def up(self) -> bool:
@@ -118,6 +122,10 @@ class BgpDaemon:
         self._no_identity_logged = False
         self._restarts_seen = 0
         self._garbage_seen = 0
+        self.hold_down = cfg.bgp_max_prefixes_hold_down
+        self.linkwatch: LinkWatch | None = None
+        self.fib_resync_needed = False
+        self._keepalive_warned: set[tuple[str, int, int]] = set()
 
     # --- inputs ---
 
@@ -140,12 +148,14 @@ class BgpDaemon:
         peer = getattr(ev, "peer", None)
         sess = self.sessions.get(peer) if isinstance(peer, str) else None
         if isinstance(ev, api.UpdateEvent):
-            if rib is None or sess is None:
-                return
+            if rib is None or sess is None or sess.held_until is not None:
+                return  # a session held down for max_prefixes: whatever still arrives is dropped
             for attrs, nh, prefixes in ev.announce:
                 rib.announce(ev.peer, attrs, nh, prefixes)
             if ev.withdraw:
                 rib.withdraw(ev.peer, ev.withdraw)
+            if rib.over_limit(ev.peer):
+                self._close_over_limit(sess)
         elif isinstance(ev, api.StateEvent):
             if sess is None:
                 return
@@ -171,6 +181,12 @@ class BgpDaemon:
 
     def _on_state(self, sess: Session, ev: api.StateEvent) -> None:
         peer = sess.neighbor.peer_ip
+        if sess.held_until is not None:
+            # held down for max_prefixes: its paths are gone already and the reload that removes
+            # it from ExaBGP is on its way; keep the error and ignore the session's last words
+            if ev.state == "down":
+                log.info("session %s closed (%s): held down for max_prefixes", peer, ev.reason or "no reason")
+            return
         if ev.state == "up":
             sess.state = "established"
             sess.since = now_iso()
@@ -208,7 +224,8 @@ class BgpDaemon:
             sess.state = "idle"
             sess.since = now_iso()
             sess.sent = {}
-            sess.last_error = "ExaBGP restarted"
+            if sess.held_until is None:
+                sess.last_error = "ExaBGP restarted"
             if self.rib is not None:
                 self.rib.peer_down(peer, gr if sess.neighbor.graceful_restart and gr else None, now)
         self.kick.set()
@@ -240,9 +257,67 @@ class BgpDaemon:
 
     # --- reconcile ---
 
+    def _close_over_limit(self, sess: Session) -> None:
+        """The peer sent more than ``max_prefixes``: close the session, drop its paths, hold it down.
+
+        Like FRR's ``maximum-prefix`` and BIRD's ``receive limit … action restart``: the peer is
+        left out of ExaBGP's configuration (a reload takes only that session down) until the
+        hold-down is over, then peered again; no graceful-restart retention for its routes.
+        """
+        assert self.rib is not None
+        peer = sess.neighbor.peer_ip
+        now = time.monotonic()
+        sess.held_until = now + self.hold_down
+        sess.limit_trips += 1
+        sess.last_error = (f"max_prefixes ({sess.neighbor.max_prefixes}) exceeded: session closed, "
+                           f"held down for {self.hold_down:g} s")
+        sess.state = "idle"
+        sess.since = now_iso()
+        sess.sent = {}
+        sess.full_needed = False
+        self.rib.peer_down(peer, None, now)
+        self.config_dirty = True
+        self.kick.set()
+        log.warning("peer %s sent more than max_prefixes (%s): session closed, its routes removed, held down for "
+                    "%g s (time %d)", peer, sess.neighbor.max_prefixes, self.hold_down, sess.limit_trips)
+
+    def _release_holds(self, now: float) -> None:
+        for peer, sess in self.sessions.items():
+            if sess.held_until is not None and now >= sess.held_until:
+                sess.held_until = None
+                self.config_dirty = True
+                log.info("peer %s: max_prefixes hold-down over, peering again", peer)
+
+    def _next_release(self) -> float | None:
+        holds = [s.held_until for s in self.sessions.values() if s.held_until is not None]
+        return min(holds) if holds else None
+
+    def on_kernel_change(self, reasons: list[str]) -> None:
+        """The link watch saw links, addresses or our routes change: resync the FIB at once."""
+        more = f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else ""
+        log.info("kernel changed: %s%s; resyncing the FIB", "; ".join(reasons[:4]), more)
+        self.fib_resync_needed = True
+        self.kick.set()
+
+    def _held_routes(self, prefixes: list[str]) -> set[str]:
+        """Those of ``prefixes`` the FIB believes are in the kernel."""
+        return set(prefixes) & self.fib.kernel_prefixes()
+
+    def _warn_keepalive(self, neighbors: Mapping[str, Neighbor]) -> None:
+        for peer, nb in neighbors.items():
+            if nb.keepalive is None or nb.keepalive == nb.hold_time // 3:
+                continue
+            key = (peer, nb.keepalive, nb.hold_time)
+            if key not in self._keepalive_warned:
+                self._keepalive_warned.add(key)
+                log.warning("peer %s: keepalive %d is not applied: ExaBGP 5 has no keepalive setting and sends "
+                            "keepalives every hold time / 3 (%d s with hold_time %d)", peer, nb.keepalive,
+                            nb.hold_time // 3, nb.hold_time)
+
     async def reconcile(self) -> None:
         if not self.in_sync:
             return
+        self._release_holds(time.monotonic())
         if self.config_dirty:
             self.config_dirty = False
             if not await self._configure():
@@ -251,6 +326,9 @@ class BgpDaemon:
             return
         if self.relearn and self.exa.connected:
             await self._relearn()
+            for sess in self.sessions.values():
+                if sess.held_until is None and self.rib.over_limit(sess.neighbor.peer_ip):
+                    self._close_over_limit(sess)
         await self._announce()
         self._apply_fib()
         self._report()
@@ -292,7 +370,9 @@ class BgpDaemon:
         self.fib.set_pools(pools)
         self.fib.set_vteps(node_vteps(nodes.values()))
         self.local_routes = desired_announcements(self.node, blocks, weps, cluster)
-        exa_cfg = build_exaconf(self.node, neighbors, helper=self.exa.helper, bind=me.address,
+        self._warn_keepalive(neighbors)
+        active = {p: nb for p, nb in neighbors.items() if self.sessions[p].held_until is None}
+        exa_cfg = build_exaconf(self.node, active, helper=self.exa.helper, bind=me.address,
                                 port=self.cfg.bgp_listen_port, restart_time=cluster.graceful_restart_time,
                                 reactor_speed=self.cfg.reactor_speed)
         outcome = await self.exa.apply(exa_cfg)
@@ -426,13 +506,10 @@ class BgpDaemon:
     def statuses(self) -> list[BGPPeerStatus]:
         out = []
         for peer, sess in sorted(self.sessions.items()):
-            err = sess.last_error
-            if self.rib is not None and self.rib.over_limit(peer):
-                err = f"max_prefixes ({sess.neighbor.max_prefixes}) exceeded: extra prefixes ignored"
             out.append(BGPPeerStatus(
                 node=self.node, peer_ip=peer, state=sess.state, since=sess.since,
                 prefixes_received=self.rib.received(peer) if self.rib is not None else 0,
-                prefixes_sent=len(sess.sent), last_error=err, peer_type=sess.neighbor.peer_type,
+                prefixes_sent=len(sess.sent), last_error=sess.last_error, peer_type=sess.neighbor.peer_type,
                 peer_as=sess.neighbor.peer_as,
             ))  # fmt: skip
         return out
@@ -445,6 +522,13 @@ class BgpDaemon:
         adopted = self.fib.adopt()
         if adopted:
             log.info("adopted %d routes already in the kernel (protocol 79); kept until the RIB is complete", adopted)
+        if self.cfg.bgp_link_watch:
+            watch = LinkWatch(self.on_kernel_change, holds_routes=self._held_routes)
+            try:
+                watch.start()
+                self.linkwatch = watch
+            except OSError as exc:
+                log.warning("cannot watch rtnetlink (%s): the FIB is repaired at the periodic resync only", exc)
         assert self.ds is not None
         syncer = AsyncSyncer(self.ds, _prefixes(self.cfg), model.decode, name="bgpd")
         syncer.start()
@@ -456,8 +540,8 @@ class BgpDaemon:
         try:
             while not stop.is_set():
                 timeout = STATUS_INTERVAL
-                if self.rib is not None:
-                    deadline = self.rib.next_deadline()
+                deadlines = [self._next_release(), self.rib.next_deadline() if self.rib is not None else None]
+                for deadline in deadlines:
                     if deadline is not None:
                         timeout = max(0.05, min(timeout, deadline - time.monotonic()))
                 kick = asyncio.create_task(self.kick.wait())
@@ -470,14 +554,19 @@ class BgpDaemon:
                 if stop.is_set():
                     break
                 self.kick.clear()
-                if time.monotonic() - last_resync > RESYNC_INTERVAL:
-                    last_resync = time.monotonic()
+                periodic = time.monotonic() - last_resync > RESYNC_INTERVAL
+                if periodic or self.fib_resync_needed:
+                    if periodic:
+                        last_resync = time.monotonic()
+                    self.fib_resync_needed = False
                     self.fib.resync()
                 await self.reconcile()
                 self._report(force=True)
         finally:
             stopper.cancel()
             consumer.cancel()
+            if self.linkwatch is not None:
+                self.linkwatch.close()
             await syncer.stop()
             await self.exa.stop()
             self.fib.close()

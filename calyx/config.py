@@ -156,6 +156,8 @@ class Config:
     bgp_listen_port: int = 179
     bgp_metric: int = 20
     reactor_speed: float = 0.1
+    bgp_link_watch: bool = True
+    bgp_max_prefixes_hold_down: float = 60.0
     # where this config came from, for messages
     source: str = ""
 
@@ -189,6 +191,8 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "bgp_listen_port": _int_range(1, 65535),
     "bgp_metric": _int_range(1, 4294967295),
     "reactor_speed": _float_range(0.03, 5.0),
+    "bgp_link_watch": _bool,
+    "bgp_max_prefixes_hold_down": _float_range(1.0, 86400),
 }
 
 #: per-component defaults that differ from the Config defaults
