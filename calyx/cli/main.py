@@ -124,6 +124,8 @@ def apply(obj: Context, filename: str, dry_run: bool) -> None:
     """Create or update objects from documents {kind, name, spec} (all or nothing)."""
     text, source = _read_input(filename)
     docs = resources.parse_documents(text, source)
+    for warning in resources.warnings(docs):
+        click.echo(f"warning: {warning}", err=True)
     if dry_run:
         for d in docs:
             click.echo(f"{d.kind.kind.value} {d.name} valid")

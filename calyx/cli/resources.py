@@ -107,6 +107,24 @@ def parse_documents(text: str, source: str) -> list[Document]:
     return out
 
 
+#: bgpd's hold time when a BGPPeer sets none (bgpd.peering.DEFAULT_HOLD_TIME)
+DEFAULT_HOLD_TIME = 90
+
+
+def warnings(docs: Sequence[Document]) -> list[str]:
+    """What is valid but will not do what it says (shown by apply, which still writes it)."""
+    out = []
+    for d in docs:
+        obj = d.obj
+        if isinstance(obj, model.BGPPeer) and obj.keepalive is not None:
+            hold = obj.hold_time if obj.hold_time is not None else DEFAULT_HOLD_TIME
+            if obj.keepalive != hold // 3:
+                out.append(f"{d.source}: BGPPeer {d.name}: keepalive {obj.keepalive} is not applied: bgpd's "
+                           f"BGP speaker (ExaBGP 5) sends keepalives every hold time / 3 ({hold // 3} s with "
+                           f"hold_time {hold})")
+    return out
+
+
 def apply(ds: Datastore, docs: Sequence[Document]) -> list[tuple[Document, str]]:
     """Write every document in one transaction. Returns (document, "created"|"configured"|"unchanged")."""
     if len(docs) > MAX_TXN_OPS:
