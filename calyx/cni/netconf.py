@@ -30,7 +30,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from calyx.cni.spec import INVALID_CONFIG, CNIError, Env, NetConf
+from calyx.cni.spec import INVALID_CONFIG, CNIError, Env, NetConf, caller_environ
 
 CLUSTER_FIELDS = ("etcd_endpoints", "etcd_ca", "etcd_cert", "etcd_key", "etcd_username", "etcd_password",
                   "etcd_timeout", "node_name")
@@ -95,7 +95,7 @@ def cluster_from(*sections: Mapping[str, Any], environ: Mapping[str, str] | None
         from calyx import config
 
         try:
-            cfg = config.load("cni", environ=os.environ if environ is None else environ)
+            cfg = config.load("cni", environ=caller_environ() if environ is None else environ)
         except config.ConfigError as exc:
             raise CNIError(INVALID_CONFIG, f"Calyx configuration: {exc}") from None
         for f in CLUSTER_FIELDS:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -111,7 +110,7 @@ def _quietly(undo: Callable[[], object]) -> None:
     try:
         undo()
     except Exception as exc:
-        print(f"calyx: rollback step failed: {exc}", file=sys.stderr)
+        print(f"calyx: rollback step failed: {exc}", file=spec.stderr())
 
 
 def _wait_ready(store: Any, cluster: Cluster, ident: Identity, timeout: float, poll: float) -> None:

@@ -8,15 +8,20 @@ and writes results and errors the way the caller's ``cniVersion`` expects (0.3.x
 ``"version"`` in every IP entry; 1.x results do not).
 
 Only the standard library is imported here: VERSION must answer in a few milliseconds.
+
+One call's streams and environment are the process's own, unless :func:`call_io` says otherwise:
+the CNI service (:mod:`calyx.cni.server`) runs many calls at once in one process, each in its own
+thread with its own stdout, stderr and caller's environment.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import IO, Any, NamedTuple, NoReturn
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 #: what a 1.0.0 caller may do; CHECK needs 0.4.0; STATUS and GC need 1.1.0
@@ -40,6 +45,38 @@ DATASTORE_ERROR = 102  #: etcd refused a request (not an outage: that is 11)
 NOT_READY = 103  #: the readiness gate expired: felix did not program the endpoint in time
 CHECK_FAILED = 104  #: CHECK found the container's network not as ADD left it
 DELEGATE_ERROR = 105  #: the delegated IPAM plugin failed without a spec error
+
+
+class CallIO(NamedTuple):
+    """Where one call's output goes and which environment it was given (the CNI service's calls)."""
+
+    stdout: IO[str]
+    stderr: IO[str]
+    environ: Mapping[str, str]
+
+
+_CALL: contextvars.ContextVar[CallIO | None] = contextvars.ContextVar("calyx_cni_call", default=None)
+
+
+def call_io(io: CallIO) -> None:
+    """Route this thread's (context's) plugin output and environment to ``io``."""
+    _CALL.set(io)
+
+
+def stdout() -> IO[str]:
+    io = _CALL.get()
+    return sys.stdout if io is None else io.stdout
+
+
+def stderr() -> IO[str]:
+    io = _CALL.get()
+    return sys.stderr if io is None else io.stderr
+
+
+def caller_environ() -> Mapping[str, str]:
+    """The environment the runtime gave this call (passed on to delegated plugins)."""
+    io = _CALL.get()
+    return os.environ if io is None else io.environ
 
 
 class CNIError(Exception):
@@ -183,9 +220,10 @@ def convert_result(result: Mapping[str, Any], version: str) -> dict[str, Any]:
 
 
 def write_json(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    out = stdout()
+    out.write(json.dumps(obj))
+    out.write("\n")
+    out.flush()
 
 
 def fail(err: CNIError, version: str) -> NoReturn:
@@ -203,7 +241,7 @@ def answer_error(exc: Exception, version: str) -> int:
     if not isinstance(exc, CNIError):
         import traceback
 
-        traceback.print_exception(exc, file=sys.stderr)
+        traceback.print_exception(exc, file=stderr())
         exc = CNIError(PLUGIN_ERROR, f"unexpected {type(exc).__name__}: {exc}")
     write_json(exc.to_dict(version))
     return 1
@@ -241,7 +279,7 @@ def exec_plugin(
     import subprocess
 
     binary = find_plugin(name, env.path)
-    child_env = dict(os.environ)
+    child_env = dict(caller_environ())
     child_env.update({
         "CNI_COMMAND": command, "CNI_CONTAINERID": env.container_id, "CNI_NETNS": env.netns,
         "CNI_IFNAME": env.ifname, "CNI_PATH": os.pathsep.join(env.path),
