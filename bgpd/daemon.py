@@ -18,6 +18,13 @@ a one-slot "kick"; :meth:`BgpDaemon.reconcile` does the work, one pass at a time
 4. RIB → FIB for the prefixes whose selection changed; stale paths swept by timer;
 5. status keys and metrics.
 
+Kernel changes: :class:`bgpd.linkwatch.LinkWatch` (rtnetlink multicast, read on this loop) reports
+bursts of link, address and foreign route-delete changes; the loop then resyncs the FIB at once
+instead of at the periodic resync.
+
+max_prefixes: a peer that sends more than its limit is closed, its paths dropped (no graceful
+restart), and left out of ExaBGP's configuration for ``bgp_max_prefixes_hold_down`` seconds.
+
 Restarts: bgpd adopts the protocol-79 routes already in the kernel and removes the ones nobody
 re-announces only once every peer sent End-of-RIB or the graceful-restart time ran out, so a
 restart drops no traffic. When ExaBGP dies, learned paths become stale (kept in the FIB) and are
