@@ -278,7 +278,7 @@ def test_vxlan_device_recreated_routes_back_within_a_second(netns: Callable[[], 
         took, fired = _repair_scenario(h, fib, watch=True, change=recreate)
         assert took is not None and took < 1.5, f"routes not back (reasons {fired})"
         assert any(f"{VXLAN} deleted" in r for rs in fired for r in rs)
-        assert len(fired) <= 2  # one burst (delete, create, up), at most split in two
+        assert 1 <= len(fired) <= 3  # one burst (delete, create, up) unless the machine is very slow between them
     finally:
         fib.close()
 
