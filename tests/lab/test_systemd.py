@@ -41,7 +41,7 @@ def _verify(tmp_path: Path, text: str, name: str) -> subprocess.CompletedProcess
 
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("name", ["felix.service", "bgpd.service"])
+@pytest.mark.parametrize("name", ["felix.service", "bgpd.service", "calyx-cni.service"])
 def test_systemd_analyze_verify_is_clean(tmp_path: Path, name: str) -> None:
     text = (UNITS / name).read_text()
     r = _verify(tmp_path, text, name)
@@ -71,6 +71,24 @@ def test_unit_promises(name: str, daemon: str, caps: set[str]) -> None:
         assert svc[key] == value, key
     assert svc["ProtectSystem"] in ("strict", "full")
     assert set(svc["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+
+
+def test_cni_service_unit() -> None:
+    """The CNI service: the capabilities a CNI plugin uses, no private mount namespace (it must see
+    the runtimes' netns paths), its socket where the plugins look by default."""
+    from calyx.cni import shim
+
+    u = _unit("calyx-cni.service")
+    unit, svc = u["Unit"], u["Service"]
+    assert "network-online.target" in unit["After"].split() and unit["StartLimitIntervalSec"] == "0"
+    assert svc["Restart"] == "always"
+    assert svc["ExecStart"].split()[:3] == ["/opt/calyx/bin/calyx-cni-server", "--socket", shim.DEFAULT_SOCKET]
+    assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SYS_PTRACE",
+                                                          "CAP_DAC_OVERRIDE"}
+    for key in ("ProtectSystem", "PrivateTmp", "PrivateDevices", "ProtectHome", "RestrictNamespaces"):
+        assert key not in svc, f"{key} would give the service a private mount namespace or forbid setns"
+    assert svc["RuntimeDirectory"] == "calyx" and svc["UMask"] == "0077"
+    assert int(svc["TimeoutStopSec"].rstrip("s")) > 30  # the server drains calls for up to 30 s
 
 
 def test_bgpd_runs_as_a_dedicated_user() -> None:
