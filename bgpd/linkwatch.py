@@ -129,7 +129,7 @@ class KernelState:
         return reasons
 
     def _link(self, data: bytes, base: int, end: int, *, deleted: bool) -> str | None:
-        _family, _type, index, flags, change = _IFINFO.unpack_from(data, base)
+        _family, _type, index, flags, _change = _IFINFO.unpack_from(data, base)
         name = ""
         for atype, value in _attrs(data, base + _IFINFO.size, end):
             if atype == rtnl.IFLA_IFNAME:
@@ -148,7 +148,8 @@ class KernelState:
         up = "up" if flags & rtnl.IFF_UP else "down"
         if name in self.devices:
             return f"{name} {up}"
-        if addressed and (old is None or (old[1] ^ flags) & rtnl.IFF_UP or change & rtnl.IFF_UP):
+        # IPv4 flushes the routes of a link set down (not on carrier loss: those stay, marked linkdown)
+        if addressed and (old is None or (old[1] ^ flags) & rtnl.IFF_UP):
             return f"{name or index} {up}"
         return None
 
