@@ -102,6 +102,11 @@ def test_every_workload_reaches_every_other_through_the_tors(racks: Lab) -> None
     for ws in racks.state.workloads.values():
         addr = ipaddress.ip_address(_ip(racks, ws.name))
         assert any(addr in ipaddress.ip_network(b) for b in racks.blocks_of(ws.host)), ws
+    # every ADD went through the host's CNI service, as calyx-cni.service would run it
+    for host in {ws.host for ws in racks.state.workloads.values()}:
+        log = racks.log_path(host, "cni").read_text()
+        adds = [line for line in log.splitlines() if " ADD container=" in line and "exit=0" in line]
+        assert len(adds) == sum(ws.host == host for ws in racks.state.workloads.values()), log
 
 
 def test_tors_carry_blocks_not_workload_routes(racks: Lab) -> None:
