@@ -252,7 +252,10 @@ class Server:
 
     def _run(self, plugin: str, environ: dict[str, str], stdin: bytes, out: io.StringIO, err: io.StringIO) -> int:
         spec.call_io(spec.CallIO(out, err, environ))
-        return self.runners[plugin](environ, stdin)
+        try:
+            return self.runners[plugin](environ, stdin)
+        except SystemExit as exc:  # a plugin path that exits (spec.fail): its code, not a dead thread
+            return exc.code if isinstance(exc.code, int) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,8 @@ def live_server(tmp_path: Path) -> Iterator[tuple[Path, server.Server]]:
 
     def fake(environ: Mapping[str, str], stdin: bytes) -> int:
         calls.append(environ)
+        if environ.get("FAIL") == "exit":
+            spec.fail(spec.CNIError(spec.IO_FAILURE, "exits"), "1.0.0")
         time.sleep(float(environ.get("DELAY", "0")))
         spec.write_json({"tag": environ["TAG"], "stdin": stdin.decode(), "env_seen": spec.caller_environ()["TAG"],
                          "netns": os.readlink("/proc/thread-self/ns/net")})
@@ -199,3 +201,13 @@ def test_a_second_service_on_a_live_socket_refuses_to_start(live_server: tuple[P
     path, _ = live_server
     with pytest.raises(SystemExit, match="another service"):
         server.Server(str(path)).bind()
+
+
+@pytest.mark.privileged
+def test_a_call_that_exits_is_still_answered(live_server: tuple[Path, server.Server]) -> None:
+    path, srv = live_server
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CALYX_"))}
+    e.update(CNI_COMMAND="ADD", CALYX_CNI_SOCKET=str(path), TAG="x", FAIL="exit")
+    proc = subprocess.run([str(VENV_BIN / "calyx")], input=b"", env=e, capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == spec.IO_FAILURE
+    assert srv.calls == 1
