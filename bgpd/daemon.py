@@ -120,6 +120,11 @@ class BgpDaemon:
         self.cluster = ClusterConfig()
         self.sessions: dict[str, Session] = {}
         self.local_routes: dict[str, OutAttrs] = {}
+        #: /32s of this node's active workloads: never installed from BGP (felix's local route must
+        #: win, and at metric 1024 it would lose to ours at 20 while a stale announcement lingers,
+        #: e.g. a workload with a fixed address that has just moved here from another node)
+        self.local_hosts: frozenset[str] = frozenset()
+        self._local_dirty: set[str] = set()
         self.relearn = False
         self.started = time.monotonic()
         self.fib_complete = False
@@ -377,6 +382,11 @@ class BgpDaemon:
         self.fib.set_pools(pools)
         self.fib.set_vteps(node_vteps(nodes.values()))
         self.local_routes = desired_announcements(self.node, blocks, weps, cluster)
+        local_hosts = frozenset(str(net) for w in weps if w.node == self.node and w.state == "active"
+                                for net in w.ipv4_nets if net.version == 4 and net.prefixlen == 32)
+        if local_hosts != self.local_hosts:
+            self._local_dirty |= local_hosts ^ self.local_hosts
+            self.local_hosts = local_hosts
         self._warn_keepalive(neighbors)
         active = {p: nb for p, nb in neighbors.items() if self.sessions[p].held_until is None}
         exa_cfg = build_exaconf(self.node, active, helper=self.exa.helper, bind=me.address,
@@ -476,10 +486,14 @@ class BgpDaemon:
         rib = self.rib
         rib.expire(time.monotonic())
         dirty = rib.take_dirty()
+        if self._local_dirty:
+            dirty = set(dirty) | self._local_dirty
+            self._local_dirty = set()
         if dirty:
             changes: dict[str, tuple[str, ...] | None] = {}
+            local = self.local_hosts
             for prefix in dirty:
-                sel = rib.selection(prefix)
+                sel = rib.selection(prefix) if prefix not in local else None
                 changes[prefix] = sel.next_hops if sel is not None else None
             self.fib.update(changes)
         if not self.fib_complete and self._rib_complete():
