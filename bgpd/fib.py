@@ -41,6 +41,7 @@ any more are only removed then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -50,7 +51,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from calyx.kernel import rtnl
 from calyx.kernel.routetable import PROTO_BGPD
-from calyx.kernel.rtnl import AckCode, NextHop, Op, RouteMsg, RouteRequest
+from calyx.kernel.rtnl import AckCode, NextHop, Op, RouteMsg, RouteRequest, RouteTemplate
 from calyx.model import IPPool, Node
 
 log = logging.getLogger(__name__)
@@ -239,14 +240,15 @@ class Fib:
     def update(self, changes: Mapping[str, tuple[str, ...] | None]) -> None:
         """prefix → next hops of its selection (None: no route any more)."""
         next_hops, dirty = self._next_hops, self._dirty
-        for prefix, hops in changes.items():
-            if hops:
-                if next_hops.get(prefix) != hops:
-                    next_hops[prefix] = hops
-                    dirty.add(prefix)
-            elif prefix in next_hops:
+        get = next_hops.get
+        new = {prefix: hops for prefix, hops in changes.items() if hops and get(prefix) != hops}
+        next_hops.update(new)
+        dirty.update(new)
+        if len(new) != len(changes):
+            gone = [prefix for prefix, hops in changes.items() if not hops and prefix in next_hops]
+            for prefix in gone:
                 del next_hops[prefix]
-                dirty.add(prefix)
+            dirty.update(gone)
 
     # --- kernel ---
 
@@ -324,59 +326,186 @@ class Fib:
         requests: list[tuple[Op, RouteMsg]] = []
         meta: list[tuple[str, str, tuple[int, Signature | None] | None]] = []
         metric = self.metric
-        devices: dict[str, int] = {}  # tunnel device → ifindex, looked up once per apply
+        # The two bulk cases skip the RouteMsg: new single-hop routes without onlink (nearly every
+        # route at a session's start), grouped by (gateway, prefix length), and removals, grouped by
+        # (metric, prefix length). Every full batch goes to the TemplateWriter at once, so the
+        # kernel handles it while this loop goes on.
+        writer = rtnl.TemplateWriter(self._sock())
+        batch = writer.batch
+        fresh: dict[tuple[bytes, int], tuple[list[str], list[bytes]]] = {}
+        gone: dict[tuple[int, int], tuple[list[str], list[bytes]]] = {}
+        templates: dict[tuple[Op, bytes, int, int], RouteTemplate] = {}
+        submitted: list[tuple[int, list[str], list[bytes], RouteTemplate]] = []  # (first index, ...)
+        offset = 0
+
+        def submit(op: Op, gw: bytes, route_metric: int, plen: int, prefixes: list[str], dsts: list[bytes]) -> None:
+            nonlocal offset
+            key = (op, gw, route_metric, plen)
+            template = templates.get(key)
+            if template is None:
+                if op is create:
+                    route = RouteMsg(af, bytes(4), plen, TABLE, PROTO_BGPD, scope, unicast, route_metric, 0, gw, 0)
+                else:
+                    route = RouteMsg(af, bytes(4), plen, TABLE, PROTO_BGPD, metric=route_metric)
+                template = templates[key] = RouteTemplate(op, route)
+            writer.submit(template, dsts)
+            submitted.append((offset, prefixes, dsts, template))
+            offset += len(dsts)
+
+        # Onlink routes need the device's index (a netlink request): done once the writer is finished.
+        onlink: list[tuple[str, bytes, int, Spec, tuple[int, Signature | None] | None]] = []
         # hot loop (100k routes at a session's start): locals, no per-route method calls on the common path
         next_hops, actual, want_map, adopted = self._next_hops, self._actual, self._want, self._adopted
         conflicts, cache, pools, unroutable = self._conflicts, self._spec_cache, self.pools, self._unroutable
-        create, replace, af, scope, unicast = Op.CREATE, Op.REPLACE, socket.AF_INET, rtnl.RT_SCOPE_UNIVERSE, \
-            rtnl.RTN_UNICAST
-        for prefix in dirty:
-            hops = next_hops.get(prefix)
-            have = actual.get(prefix)
-            spec: Spec | None = None
-            if hops is not None and not pools and prefix.endswith("/32") and prefix.count(".") == 3:
-                try:  # the common case: a learned /32
-                    packed, plen = socket.inet_aton(prefix[:-3]), 32
-                except OSError:
-                    continue
-                key = (hops, "Never")
-                spec = cache[key] if key in cache else self._spec_for(prefix, packed, plen)
-                if spec is not None and unroutable:
-                    unroutable.pop(prefix, None)
-            else:
-                parsed = _parse(prefix)
-                if parsed is None:
-                    continue
-                packed, plen = parsed
-                spec = self._spec_for(prefix, packed, plen)
-            if spec is None:
-                want_map.pop(prefix, None)
-                if have is None or (not sweep and prefix in adopted and prefix not in next_hops):
-                    continue  # nothing there, or kept from before a restart until the RIB is complete
-                requests.append((Op.DELETE, RouteMsg(af, packed, plen, TABLE, PROTO_BGPD, metric=have[0])))
-                meta.append((prefix, "remove", None))
-                continue
-            want_map[prefix] = spec
-            if adopted:
-                adopted.discard(prefix)
-            if have is not None and have[0] == metric and have[1] == spec.hops:
-                continue
-            if prefix in conflicts:
-                continue
-            if spec.onlink:
-                tunl = devices.get(spec.dev, 0)
-                if not tunl:
-                    link = self._sock().link(spec.dev)
-                    if link is None:
-                        self._unroutable[prefix] = f"{spec.describe()} (no {spec.dev})"
-                        self._dirty.add(prefix)  # felix creates the device: retried at the next apply
+        create, replace, delete, af, scope, unicast = Op.CREATE, Op.REPLACE, Op.DELETE, socket.AF_INET, \
+            rtnl.RT_SCOPE_UNIVERSE, rtnl.RTN_UNICAST
+        inet_aton = socket.inet_aton
+        last_hops: tuple[str, ...] | None = None  # the RIB shares next-hop tuples: one spec lookup per run
+        last_spec: Spec | None = None
+        last_fresh: Spec | None = None  # the spec whose group fresh_* are
+        fresh_key = (b"", 0)
+        fresh_prefixes: list[str] = []
+        fresh_dsts: list[bytes] = []
+        try:
+            for prefix in dirty:
+                hops = next_hops.get(prefix)
+                have = actual.get(prefix)
+                spec: Spec | None = None
+                if hops is not None and not pools and prefix.endswith("/32") and prefix.count(".") == 3:
+                    try:  # the common case: a learned /32
+                        packed, plen = inet_aton(prefix[:-3]), 32
+                    except OSError:
                         continue
-                    tunl = devices[spec.dev] = link.ifindex
-                msg = self._message(packed, plen, spec, tunl)
-            elif len(spec.hops) == 1:
-                msg = RouteMsg(af, packed, plen, TABLE, PROTO_BGPD, scope, unicast, metric, 0, spec.hops[0][0], 0)
-            else:
-                msg = self._message(packed, plen, spec, 0)
+                    if hops is last_hops:
+                        spec = last_spec
+                    else:
+                        key = (hops, "Never")
+                        spec = cache[key] if key in cache else self._spec_for(prefix, packed, plen)
+                        last_hops, last_spec = hops, spec
+                    if spec is None:
+                        unroutable[prefix] = ", ".join(hops)
+                    elif unroutable:
+                        unroutable.pop(prefix, None)
+                elif hops is None and prefix.endswith("/32") and prefix.count(".") == 3:
+                    try:  # a withdrawn /32
+                        packed, plen = inet_aton(prefix[:-3]), 32
+                    except OSError:
+                        continue
+                    if unroutable:
+                        unroutable.pop(prefix, None)
+                else:
+                    parsed = _parse(prefix)
+                    if parsed is None:
+                        continue
+                    packed, plen = parsed
+                    spec = self._spec_for(prefix, packed, plen)
+                if spec is None:
+                    want_map.pop(prefix, None)
+                    if have is None or (not sweep and prefix in adopted and prefix not in next_hops):
+                        continue  # nothing there, or kept from before a restart until the RIB is complete
+                    removal = gone.get((have[0], plen))
+                    if removal is None:
+                        removal = gone[have[0], plen] = ([], [])
+                    removal[0].append(prefix)
+                    removal[1].append(packed)
+                    if len(removal[1]) >= batch:
+                        submit(delete, b"", have[0], plen, *removal)
+                        gone[have[0], plen] = ([], [])
+                    continue
+                want_map[prefix] = spec
+                if adopted:
+                    adopted.discard(prefix)
+                if have is not None:
+                    if have[0] == metric and have[1] == spec.hops:
+                        continue
+                elif not spec.onlink and len(spec.hops) == 1 and not (conflicts and prefix in conflicts):
+                    if spec is not last_fresh or plen != 32:
+                        fresh_key = (spec.hops[0][0], plen)
+                        group = fresh.get(fresh_key)
+                        if group is None:
+                            group = fresh[fresh_key] = ([], [])
+                        fresh_prefixes, fresh_dsts = group
+                        last_fresh = spec if plen == 32 else None
+                    fresh_prefixes.append(prefix)
+                    fresh_dsts.append(packed)
+                    if len(fresh_dsts) >= batch:
+                        submit(create, fresh_key[0], metric, fresh_key[1], fresh_prefixes, fresh_dsts)
+                        fresh_prefixes, fresh_dsts = fresh[fresh_key] = ([], [])
+                    continue
+                if prefix in conflicts:
+                    continue
+                if spec.onlink:
+                    onlink.append((prefix, packed, plen, spec, have))
+                    continue
+                if len(spec.hops) == 1:
+                    msg = RouteMsg(af, packed, plen, TABLE, PROTO_BGPD, scope, unicast, metric, 0, spec.hops[0][0], 0)
+                else:
+                    msg = self._message(packed, plen, spec, 0)
+                if have is None or have[0] != metric:
+                    requests.append((create, msg))
+                    meta.append((prefix, "add", have))
+                else:
+                    requests.append((replace, msg))
+                    meta.append((prefix, "change", have))
+            for (gw, plen), (prefixes, dsts) in fresh.items():
+                if dsts:
+                    submit(create, gw, metric, plen, prefixes, dsts)
+            for (old_metric, plen), (prefixes, dsts) in gone.items():
+                if dsts:
+                    submit(delete, b"", old_metric, plen, prefixes, dsts)
+            failures = writer.finish()
+        except BaseException:
+            # Some of the batches may be in the kernel: trust nothing we hold until read back.
+            self._need_readback = True
+            self._dirty.update(dirty)
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
+        followups: list[RouteRequest] = []
+        intern, failed, not_found = self._sig_intern, self._failed, AckCode.NOT_FOUND
+        for first, prefixes, dsts, template in submitted:
+            stats.writes += len(dsts)
+            if template.op is delete:  # done also when already gone (NOT_FOUND), as _record does
+                for i, prefix in enumerate(prefixes):
+                    ack = failures.get(first + i) if failures else None
+                    if ack is None or ack.code is not_found:
+                        actual.pop(prefix, None)
+                        if failed:
+                            failed.pop(prefix, None)
+                        stats.removed += 1
+                    else:
+                        self._record(prefix, "remove", None, ack, template.route._replace(dst=dsts[i]), stats,
+                                     followups)
+                continue
+            value: tuple[int, Signature | None] = (metric, ((template.route.gateway or b"", False),))
+            value = intern.setdefault(value, value)
+            if not failures:
+                actual.update(dict.fromkeys(prefixes, value))
+                stats.added += len(prefixes)
+                if failed:
+                    for prefix in prefixes:
+                        failed.pop(prefix, None)
+                continue
+            for i, prefix in enumerate(prefixes):
+                ack = failures.get(first + i)
+                if ack is None:
+                    actual[prefix] = value
+                    if failed:
+                        failed.pop(prefix, None)
+                    stats.added += 1
+                else:
+                    self._record(prefix, "add", None, ack, template.route._replace(dst=dsts[i]), stats, followups)
+        devices: dict[str, int] = {}  # tunnel device → ifindex, looked up once per apply
+        for prefix, packed, plen, spec, have in onlink:
+            tunl = devices.get(spec.dev, 0)
+            if not tunl:
+                link = self._sock().link(spec.dev)
+                if link is None:
+                    self._unroutable[prefix] = f"{spec.describe()} (no {spec.dev})"
+                    self._dirty.add(prefix)  # felix creates the device: retried at the next apply
+                    continue
+                tunl = devices[spec.dev] = link.ifindex
+            msg = self._message(packed, plen, spec, tunl)
             if have is None or have[0] != metric:
                 requests.append((create, msg))
                 meta.append((prefix, "add", have))
@@ -389,18 +518,17 @@ class Fib:
         self._extra = []
         if requests:
             acks = self._sock().route_batch(requests)
-            stats.writes = len(requests)
-            followups: list[RouteRequest] = []
+            stats.writes += len(requests)
             ok, actual, want_map, intern, metric = AckCode.OK, self._actual, self._want, self._sig_intern, self.metric
             for (prefix, what, old), ack, req in zip(meta, acks, requests, strict=True):
-                if ack.code is ok and what == "add" and old is None:  # the common case: a new route
+                if ack.code is ok and what == "add" and old is None:  # a new route
                     value = (metric, want_map[prefix].hops)
                     actual[prefix] = intern.setdefault(value, value)
                     stats.added += 1
                     continue
                 self._record(prefix, what, old, ack, req[1], stats, followups)
-            if followups:  # the old metric's route, once the new one is in (make before break)
-                self._sock().route_batch(followups)
+        if followups:  # the old metric's route, once the new one is in (make before break)
+            self._sock().route_batch(followups)
         stats.duration = time.monotonic() - start
         if stats.did_work:
             log.info("fib apply: added=%d changed=%d removed=%d failed=%d conflicts=%d unroutable=%d routes=%d "

@@ -183,6 +183,13 @@ class Rib:
         limit = info.max_prefixes
         paths = st.paths
         dirty = self._dirty
+        if limit is None:
+            # One Path for every prefix of the UPDATE: its fields are the same for all of them and
+            # the only later change (``stale``) is made to all of a peer's paths at once.
+            batch = prefixes if isinstance(prefixes, (list, tuple)) else list(prefixes)
+            paths.update(dict.fromkeys(batch, Path(peer, next_hop, attrs)))
+            dirty.update(batch)
+            return len(batch)
         for prefix in prefixes:
             if limit is not None and prefix not in paths and len(paths) >= limit:
                 st.over_limit = True
@@ -289,6 +296,23 @@ class Rib:
         dirty, self._dirty = self._dirty, set()
         selected, select, one_hop = self._selected, self._select, self._one_hop
         tables = [st.paths for st in self._state.values()]
+        if len(tables) == 1:  # one peer: its path is the selection; paths of one UPDATE share one Selection
+            get, drop = tables[0].get, selected.pop
+            last: Path | None = None
+            last_sel: Selection | None = None
+            for prefix in dirty:
+                path = get(prefix)
+                if path is None:
+                    drop(prefix, None)
+                    continue
+                sel = last_sel
+                if path is not last or sel is None:
+                    hops = one_hop.get(path.next_hop)
+                    if hops is None:
+                        hops = one_hop[path.next_hop] = (path.next_hop,)
+                    last, last_sel = path, (sel := Selection(path, hops))
+                selected[prefix] = sel
+            return dirty
         for prefix in dirty:
             cands = [path for t in tables if (path := t.get(prefix)) is not None]
             if not cands:
