@@ -1,12 +1,15 @@
 """bgpd benchmarks, side by side with BIRD and ``ip -batch`` in the same run (root; throwaway namespaces).
 
 Run: ``.venv/bin/python bench/bench_bgp.py`` (``--routes 100000 --announce 10000`` by default;
-``--skip fib|learn|announce`` to leave a part out). Every namespace is ``cxt-...`` and deleted at the
-end; every BIRD, etcd, bgpd and ExaBGP started is killed, also on failure.
+``--skip fib|learn|announce`` to leave a part out, ``--only fib`` to run one part, ``--fib-reps 3``
+to repeat the FIB comparison). Every namespace is ``cxt-...`` and deleted at the end; every BIRD,
+etcd, bgpd and ExaBGP started is killed, also on failure.
 
-1. **FIB install** of N learned /32s: bgpd's path (paths into the RIB, selection, FIB manager on
-   raw netlink with protocol 79) vs BIRD's kernel protocol vs ``ip -batch`` (the floor). BIRD
-   and ``ip -batch`` come from bench/bench_routes.py (the kernel layer's benchmark).
+1. **FIB install** of N learned /32s: bgpd's path (paths into the RIB, selection, the daemon's
+   hand-off loop, FIB manager on raw netlink with protocol 79) vs BIRD's kernel protocol vs
+   ``ip -batch`` (the floor). BIRD and ``ip -batch`` come from bench/bench_routes.py (the kernel
+   layer's benchmark). Each repetition prints the load average (1 min) before it: the machine is
+   shared, so compare within a repetition.
 2. **Session up → kernel full**: a BIRD ToR feeds N static /32s; the clock starts at
    ``birdc enable host`` on the ToR and stops at the N-th RTM_NEWROUTE in the host's namespace.
    Host daemon: ``bgpd run`` (ExaBGP child, real etcd) vs BIRD with ``protocol kernel``. bgpd's and
@@ -76,17 +79,20 @@ def bench_bgpd_fib(new_ns: Callable[[], Netns], n: int) -> br.Row:
     rib.set_peer(PeerInfo(br.GATEWAY, ibgp=False))
     attrs = Attrs(as_path=(65000,), as_path_len=1)
     pfx = [f"{p}/32" for p in br.prefixes(n)]
+    local: set[str] = set()  # the daemon's local workload hosts (none here)
     t = time.perf_counter()
     rib.announce(br.GATEWAY, attrs, br.GATEWAY, pfx)
     changes: dict[str, tuple[str, ...] | None] = {}
-    for p in rib.take_dirty():
-        sel = rib.selection(p)
-        changes[p] = sel.next_hops if sel else None
+    for p in rib.take_dirty():  # the hand-off loop of BgpDaemon._apply_fib
+        sel = rib.selection(p) if p not in local else None
+        changes[p] = sel.next_hops if sel is not None else None
     t_fib = time.perf_counter()
     fib.update(changes)
+    t_apply = time.perf_counter()
     fib.apply(sweep=True)
     install = time.perf_counter() - t
     fib_only = time.perf_counter() - t_fib
+    apply_only = time.perf_counter() - t_apply
     if br.count_proto(host, PROTO_BGPD) != n:
         raise RuntimeError("bgpd FIB installed fewer routes")
     t = time.perf_counter()
@@ -98,7 +104,7 @@ def bench_bgpd_fib(new_ns: Callable[[], Netns], n: int) -> br.Row:
         raise RuntimeError("bgpd FIB removal incomplete")
     fib.close()
     return br.Row("bgpd RIB → FIB (raw netlink, proto 79)", n, install, remove,
-                  note=f"of which selections → kernel {fib_only:.2f} s")
+                  note=f"of which selections → kernel {fib_only:.2f} s, Fib.apply {apply_only:.2f} s")
 
 
 # --- 2. session up → kernel full --------------------------------------------------------------------
@@ -270,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routes", type=int, default=100_000)
     ap.add_argument("--announce", type=int, default=10_000)
     ap.add_argument("--skip", action="append", default=[], choices=["fib", "learn", "announce"])
+    ap.add_argument("--only", choices=["fib", "learn", "announce"], help="run this part only")
+    ap.add_argument("--fib-reps", type=int, default=1, help="repetitions of the FIB comparison (each printed)")
     args = ap.parse_args(argv)
+    if args.only:
+        args.skip = [part for part in ("fib", "learn", "announce") if part != args.only]
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -283,14 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with workdir() as wd:
         if "fib" not in args.skip:
-            rows = []
-            for name, fn in (("bgpd", lambda f: bench_bgpd_fib(f, n)), ("bird", lambda f: br.bench_bird(f, n, str(wd))),
-                             ("ip", lambda f: br.bench_ip_batch(f, n))):
-                with netns_session() as new_ns:
-                    row = fn(new_ns)
-                print(f"# {name}: {row.install:.2f} s", file=sys.stderr)
-                rows.append(row)
-            out += [f"### FIB install, {n:,} learned /32s", "", br.table(rows), ""]
+            ratios = []
+            for rep in range(1, args.fib_reps + 1):
+                load = os.getloadavg()
+                rows = []
+                for name, fn in (("bgpd", lambda f: bench_bgpd_fib(f, n)),
+                                 ("bird", lambda f: br.bench_bird(f, n, str(wd))),
+                                 ("ip", lambda f: br.bench_ip_batch(f, n))):
+                    with netns_session() as new_ns:
+                        row = fn(new_ns)
+                    print(f"# {name}: {row.install:.2f} s", file=sys.stderr)
+                    rows.append(row)
+                ratios.append(f"{rows[0].install / rows[1].install:.2f} (load {load[0]:.2f})")
+                title = f"### FIB install, {n:,} learned /32s"
+                if args.fib_reps > 1:
+                    title += f" — run {rep} of {args.fib_reps}"
+                out += [title, "", f"Load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
+                        br.table(rows), ""]
+            if args.fib_reps > 1:
+                out += [f"bgpd/BIRD install ratio per run: {', '.join(ratios)}", ""]
         if "learn" not in args.skip:
             with netns_session() as new_ns:
                 bird_t, _ = bench_learn_bird(new_ns, n, wd)

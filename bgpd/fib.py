@@ -32,6 +32,17 @@ the prefix string (``inet_aton``) on the same raw netlink socket (:class:`calyx.
 RtnlSocket`, batched, one ack per request, errno translated there). Same rules as RouteTable:
 read back at start and at every resync, minimal writes, exact ownership by protocol number.
 
+The bulk path (:class:`_Bulk`): a brand-new single-next-hop route without onlink (what a session's
+start brings by the 100k) and a removal are the same message for every prefix but the
+destination, so :meth:`Fib.apply` groups them — by (gateway, prefix length), by (metric, prefix
+length) — and hands every full batch to a :class:`calyx.kernel.rtnl.TemplateWriter`, which sends
+it from a writer thread while the loop goes on; results are booked batch by batch with the
+outcomes of the generic path (``NLM_F_EXCL`` conflicts, lost acks, ``NOT_FOUND`` on removal).
+Everything else — a changed route (``NLM_F_REPLACE``), a metric change (create, then delete the
+old metric: make before break), multipath, onlink (``tunl0``/VXLAN, device index looked up after
+the writer is done), our duplicates — takes the generic :class:`RouteMsg` path as before. An
+exception during an apply leaves the state to a readback at the next one.
+
 Updates are cheap and do no I/O (:meth:`Fib.update` marks prefixes dirty); :meth:`Fib.apply` writes
 the difference. At start :meth:`Fib.adopt` reads the kernel back, so a restarted bgpd keeps
 forwarding through the routes already there: :meth:`Fib.apply` runs with ``sweep=False`` until the
@@ -191,6 +202,89 @@ def _signature(m: RouteMsg) -> Signature | None:
     return ((bytes(m.gateway), bool(m.flags & rtnl.RTNH_F_ONLINK)),)
 
 
+class _Bulk:
+    """The bulk writes of one :meth:`Fib.apply`: batches of routes that differ only in their
+    destination, each written through one :class:`RouteTemplate` by a :class:`rtnl.TemplateWriter`
+    (the kernel installs a batch while the apply loop fills the next), and their results taken
+    into the FIB's state as soon as the writer has them (:meth:`book`), with the same outcomes as
+    the generic path's: success, ``NOT_FOUND`` for a removal, or :meth:`Fib._record`.
+    """
+
+    def __init__(self, fib: Fib, stats: FibStats, followups: list[RouteRequest]) -> None:
+        self.fib = fib
+        self.stats = stats
+        self.followups = followups
+        self.writer = rtnl.TemplateWriter(fib._sock())
+        self.batch = self.writer.batch
+        self.templates: dict[tuple[Op, bytes, int, int], RouteTemplate] = {}
+        self.submitted: list[tuple[int, list[str], list[bytes], RouteTemplate]] = []  # (first index, ...)
+        self.offset = 0  # submission index of the next batch's first route
+        self.booked = 0  # submitted batches whose results are in the FIB's state
+
+    def submit(self, op: Op, gw: bytes, metric: int, plen: int, prefixes: list[str], dsts: list[bytes]) -> None:
+        """``op`` (CREATE via ``gw`` at ``metric``, or DELETE at ``metric``) for /``plen`` ``dsts``."""
+        key = (op, gw, metric, plen)
+        template = self.templates.get(key)
+        if template is None:
+            if op is Op.CREATE:
+                route = RouteMsg(socket.AF_INET, bytes(4), plen, TABLE, PROTO_BGPD, rtnl.RT_SCOPE_UNIVERSE,
+                                 rtnl.RTN_UNICAST, metric, 0, gw, 0)
+            else:
+                route = RouteMsg(socket.AF_INET, bytes(4), plen, TABLE, PROTO_BGPD, metric=metric)
+            template = self.templates[key] = RouteTemplate(op, route)
+        self.writer.submit(template, dsts)
+        self.submitted.append((self.offset, prefixes, dsts, template))
+        self.offset += len(dsts)
+        self.book()
+
+    def finish(self) -> None:
+        self.writer.finish()
+        self.book()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def book(self) -> None:
+        """Take in the results of the batches the writer has settled."""
+        fib, stats, followups = self.fib, self.stats, self.followups
+        actual, failed, intern, metric = fib._actual, fib._failed, fib._sig_intern, fib.metric
+        failures, settled, submitted = self.writer.failures, self.writer.settled, self.submitted
+        while self.booked < len(submitted) and submitted[self.booked][0] + len(submitted[self.booked][2]) <= settled:
+            first, prefixes, dsts, template = submitted[self.booked]
+            self.booked += 1
+            stats.writes += len(dsts)
+            if template.op is Op.DELETE:  # done also when already gone (NOT_FOUND), as _record does
+                for i, prefix in enumerate(prefixes):
+                    ack = failures.get(first + i) if failures else None
+                    if ack is None or ack.code is AckCode.NOT_FOUND:
+                        actual.pop(prefix, None)
+                        if failed:
+                            failed.pop(prefix, None)
+                        stats.removed += 1
+                    else:
+                        fib._record(prefix, "remove", None, ack, template.route._replace(dst=dsts[i]), stats,
+                                    followups)
+                continue
+            value: tuple[int, Signature | None] = (metric, ((template.route.gateway or b"", False),))
+            value = intern.setdefault(value, value)
+            if not failures:
+                actual.update(dict.fromkeys(prefixes, value))
+                stats.added += len(prefixes)
+                if failed:
+                    for prefix in prefixes:
+                        failed.pop(prefix, None)
+                continue
+            for i, prefix in enumerate(prefixes):
+                ack = failures.get(first + i)
+                if ack is None:
+                    actual[prefix] = value
+                    if failed:
+                        failed.pop(prefix, None)
+                    stats.added += 1
+                else:
+                    fib._record(prefix, "add", None, ack, template.route._replace(dst=dsts[i]), stats, followups)
+
+
 class Fib:
     """bgpd's routes in the kernel (see the module docstring)."""
 
@@ -328,30 +422,13 @@ class Fib:
         metric = self.metric
         # The two bulk cases skip the RouteMsg: new single-hop routes without onlink (nearly every
         # route at a session's start), grouped by (gateway, prefix length), and removals, grouped by
-        # (metric, prefix length). Every full batch goes to the TemplateWriter at once, so the
-        # kernel handles it while this loop goes on.
-        writer = rtnl.TemplateWriter(self._sock())
-        batch = writer.batch
+        # (metric, prefix length). Every full batch goes to the kernel at once (_Bulk), so it is
+        # installed while this loop goes on.
+        followups: list[RouteRequest] = []
+        bulk = _Bulk(self, stats, followups)
+        batch = bulk.batch
         fresh: dict[tuple[bytes, int], tuple[list[str], list[bytes]]] = {}
         gone: dict[tuple[int, int], tuple[list[str], list[bytes]]] = {}
-        templates: dict[tuple[Op, bytes, int, int], RouteTemplate] = {}
-        submitted: list[tuple[int, list[str], list[bytes], RouteTemplate]] = []  # (first index, ...)
-        offset = 0
-
-        def submit(op: Op, gw: bytes, route_metric: int, plen: int, prefixes: list[str], dsts: list[bytes]) -> None:
-            nonlocal offset
-            key = (op, gw, route_metric, plen)
-            template = templates.get(key)
-            if template is None:
-                if op is create:
-                    route = RouteMsg(af, bytes(4), plen, TABLE, PROTO_BGPD, scope, unicast, route_metric, 0, gw, 0)
-                else:
-                    route = RouteMsg(af, bytes(4), plen, TABLE, PROTO_BGPD, metric=route_metric)
-                template = templates[key] = RouteTemplate(op, route)
-            writer.submit(template, dsts)
-            submitted.append((offset, prefixes, dsts, template))
-            offset += len(dsts)
-
         # Onlink routes need the device's index (a netlink request): done once the writer is finished.
         onlink: list[tuple[str, bytes, int, Spec, tuple[int, Signature | None] | None]] = []
         # hot loop (100k routes at a session's start): locals, no per-route method calls on the common path
@@ -409,7 +486,7 @@ class Fib:
                     removal[0].append(prefix)
                     removal[1].append(packed)
                     if len(removal[1]) >= batch:
-                        submit(delete, b"", have[0], plen, *removal)
+                        bulk.submit(delete, b"", have[0], plen, *removal)
                         gone[have[0], plen] = ([], [])
                     continue
                 want_map[prefix] = spec
@@ -429,7 +506,7 @@ class Fib:
                     fresh_prefixes.append(prefix)
                     fresh_dsts.append(packed)
                     if len(fresh_dsts) >= batch:
-                        submit(create, fresh_key[0], metric, fresh_key[1], fresh_prefixes, fresh_dsts)
+                        bulk.submit(create, fresh_key[0], metric, fresh_key[1], fresh_prefixes, fresh_dsts)
                         fresh_prefixes, fresh_dsts = fresh[fresh_key] = ([], [])
                     continue
                 if prefix in conflicts:
@@ -449,52 +526,18 @@ class Fib:
                     meta.append((prefix, "change", have))
             for (gw, plen), (prefixes, dsts) in fresh.items():
                 if dsts:
-                    submit(create, gw, metric, plen, prefixes, dsts)
+                    bulk.submit(create, gw, metric, plen, prefixes, dsts)
             for (old_metric, plen), (prefixes, dsts) in gone.items():
                 if dsts:
-                    submit(delete, b"", old_metric, plen, prefixes, dsts)
-            failures = writer.finish()
+                    bulk.submit(delete, b"", old_metric, plen, prefixes, dsts)
+            bulk.finish()
         except BaseException:
             # Some of the batches may be in the kernel: trust nothing we hold until read back.
             self._need_readback = True
             self._dirty.update(dirty)
             with contextlib.suppress(Exception):
-                writer.close()
+                bulk.close()
             raise
-        followups: list[RouteRequest] = []
-        intern, failed, not_found = self._sig_intern, self._failed, AckCode.NOT_FOUND
-        for first, prefixes, dsts, template in submitted:
-            stats.writes += len(dsts)
-            if template.op is delete:  # done also when already gone (NOT_FOUND), as _record does
-                for i, prefix in enumerate(prefixes):
-                    ack = failures.get(first + i) if failures else None
-                    if ack is None or ack.code is not_found:
-                        actual.pop(prefix, None)
-                        if failed:
-                            failed.pop(prefix, None)
-                        stats.removed += 1
-                    else:
-                        self._record(prefix, "remove", None, ack, template.route._replace(dst=dsts[i]), stats,
-                                     followups)
-                continue
-            value: tuple[int, Signature | None] = (metric, ((template.route.gateway or b"", False),))
-            value = intern.setdefault(value, value)
-            if not failures:
-                actual.update(dict.fromkeys(prefixes, value))
-                stats.added += len(prefixes)
-                if failed:
-                    for prefix in prefixes:
-                        failed.pop(prefix, None)
-                continue
-            for i, prefix in enumerate(prefixes):
-                ack = failures.get(first + i)
-                if ack is None:
-                    actual[prefix] = value
-                    if failed:
-                        failed.pop(prefix, None)
-                    stats.added += 1
-                else:
-                    self._record(prefix, "add", None, ack, template.route._replace(dst=dsts[i]), stats, followups)
         devices: dict[str, int] = {}  # tunnel device → ifindex, looked up once per apply
         for prefix, packed, plen, spec, have in onlink:
             tunl = devices.get(spec.dev, 0)

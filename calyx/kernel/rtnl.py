@@ -14,6 +14,13 @@ The protocol handled here:
   ``sendmsg`` (one skb: the kernel processes all of it before ``sendmsg`` returns), each with a
   unique sequence number and ``NLM_F_ACK``, then reads the acknowledgements and returns one
   :class:`Ack` per request, in order. One bad route never fails the batch.
+* **Bulk.** Routes that differ only in their destination (100k learned /32s via one gateway) skip
+  :class:`RouteMsg`: a :class:`RouteTemplate` is cut once from :func:`pack_route`'s own bytes and
+  fills seq + dst with one ``struct.pack_into`` per route. :class:`TemplateWriter` (and
+  :meth:`RtnlSocket.template_batch`) sends such batches from a short-lived writer thread — the
+  kernel installs the routes inside ``send``, without the GIL — while the caller's thread packs
+  the next batch and reads the acknowledgements of the previous one; it reports failures only
+  (a success costs no object) and always ends its thread before returning.
 * **Buffers.** ``SO_SNDBUFFORCE``/``SO_RCVBUFFORCE`` (root) or the plain options are raised so that a
   whole batch and its acknowledgements fit. If the receive queue still overflows the kernel drops
   acknowledgements and reports ``ENOBUFS``; the requests whose acknowledgement never came are
@@ -874,17 +881,19 @@ class TemplateWriter:
     one synchronous batch would not). A single batch is sent without a thread.
 
     :meth:`finish` returns the failures of every batch by submission index (position over all
-    submitted destinations, in order); :meth:`close` (or leaving the ``with`` block) always ends
-    the thread, also on error. One writer per call; the socket is not used by anything else
-    meanwhile.
+    submitted destinations, in order). Results come in batch by batch: those below :attr:`settled`
+    are final already (:attr:`failures`), so a caller can book them while the kernel works on the
+    next batches. :meth:`close` (or leaving the ``with`` block) always ends the thread, also on
+    error. One writer per call; the socket is not used by anything else meanwhile.
     """
 
     def __init__(self, sock: RtnlSocket) -> None:
         self._sock = sock
         self.batch = sock.batch_size
         self._base = 0  # the sequence number of submission index 0
-        self._seen = bytearray()  # per submission index: acknowledged
-        self._failures: dict[int, Ack] = {}
+        self._seen = bytearray()  # per submission index: acknowledged (or given up as LOST)
+        self.failures: dict[int, Ack] = {}  # submission index → failure, final below ``settled``
+        self.settled = 0  # submission indexes below this have their final result
         self._bounds: list[tuple[int, int]] = []  # per batch: submission index range
         self._held: bytearray | None = None  # the first batch, sent once a second one comes or at finish
         self._queue: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
@@ -950,8 +959,15 @@ class TemplateWriter:
             raise self._errors[0]
         # Batches up to this one are handled by the kernel: their acknowledgements are queued.
         since, upto = self._bounds[self._collected]
-        self._overrun = self._sock._collect(self._base, self._seen, self._failures, since, upto, self._overrun)
+        seen = self._seen
+        self._overrun = self._sock._collect(self._base, seen, self.failures, since, upto, self._overrun)
+        if 0 in seen[since:upto]:  # dropped (ENOBUFS): state unknown, and a late ack is not taken
+            for idx in range(since, upto):
+                if not seen[idx]:
+                    seen[idx] = 1
+                    self.failures[idx] = LOST
         self._collected += 1
+        self.settled = upto
 
     def _drain(self) -> None:
         if self._held is not None:
@@ -966,11 +982,7 @@ class TemplateWriter:
         """Send what is left, read every acknowledgement; the failures by submission index."""
         self._drain()
         self.close()
-        if 0 in self._seen:
-            for idx, acked in enumerate(self._seen):
-                if not acked:
-                    self._failures[idx] = LOST
-        return self._failures
+        return self.failures
 
     def close(self) -> None:
         """End the writer thread (after the batches it holds); idempotent."""
