@@ -955,8 +955,9 @@ class TemplateWriter:
 
     def _collect_next(self) -> None:
         self._sent.acquire()
-        if self._errors:
-            raise self._errors[0]
+        if self._errors:  # the writer stopped: its error, once
+            exc, self._errors = self._errors[0], []
+            raise exc
         # Batches up to this one are handled by the kernel: their acknowledgements are queued.
         since, upto = self._bounds[self._collected]
         seen = self._seen

@@ -144,3 +144,18 @@ def test_writer_failure_raises_and_leaves_no_thread(netns: Callable[[], Netns]) 
     with pytest.raises(NetlinkError):
         sock.template_batch(RouteTemplate(Op.CREATE, route), [bytes([10, 46, 0, i]) for i in range(100)])
     assert threading.active_count() == before
+
+
+def test_template_batch_across_a_sequence_number_wrap(netns: Callable[[], Netns]) -> None:
+    h = host(netns)
+    gw = socket.inet_aton("10.99.0.2")
+    route = RouteMsg(socket.AF_INET, b"", 32, rtnl.RT_TABLE_MAIN, 79, metric=20, gateway=gw)
+    dsts = [socket.inet_aton(p[:-3]) for p in slash32s("10.47.0.0", 600)]
+    with rtnl.RtnlSocket(h.name, batch_size=100) as sock:
+        sock._seq = 0x7FFFFFFF - 250  # the third batch's numbers wrap
+        failures = sock.template_batch(RouteTemplate(Op.CREATE, route), dsts)
+        assert failures == {}
+        assert sock._seq < 1000
+        assert len(sock.dump_routes(socket.AF_INET, proto=79)) == 600
+        again = sock.template_batch(RouteTemplate(Op.CREATE, route), dsts)
+        assert sorted(again) == list(range(600)) and {a.code for a in again.values()} == {rtnl.AckCode.EXISTS}
