@@ -900,6 +900,7 @@ class TemplateWriter:
         self._sent = threading.Semaphore(0)
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
+        self._serial = False  # no thread could be started: every batch is sent from the caller's thread
         self._queued = 0  # batches handed to the writer thread (or sent)
         self._collected = 0  # batches whose acknowledgements were read
         self._overrun = False
@@ -932,9 +933,18 @@ class TemplateWriter:
         if self._held is None and not self._queued:
             self._held = data  # maybe the only batch: no thread for that
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._write, name="rtnl-writer", daemon=True)
-            self._thread.start()
+        if self._thread is None and not self._serial:
+            thread = threading.Thread(target=self._write, name="rtnl-writer", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": the same work, without the overlap
+                self._serial = True
+            else:
+                self._thread = thread
+        if self._serial:
+            self._drain()
+            self._send_now(data)
+            return
         if self._held is not None:
             self._queue.put(self._held)
             self._held = None
@@ -970,12 +980,17 @@ class TemplateWriter:
         self._collected += 1
         self.settled = upto
 
+    def _send_now(self, data: bytearray) -> None:
+        """Send from the caller's thread and read the acknowledgements (nothing else is in flight)."""
+        self._sock._send(data)
+        self._queued += 1
+        self._sent.release()
+        self._collect_next()
+
     def _drain(self) -> None:
         if self._held is not None:
-            self._sock._send(self._held)
-            self._held = None
-            self._queued += 1
-            self._sent.release()
+            held, self._held = self._held, None
+            self._send_now(held)
         while self._collected < self._queued:
             self._collect_next()
 

@@ -159,3 +159,23 @@ def test_template_batch_across_a_sequence_number_wrap(netns: Callable[[], Netns]
         assert len(sock.dump_routes(socket.AF_INET, proto=79)) == 600
         again = sock.template_batch(RouteTemplate(Op.CREATE, route), dsts)
         assert sorted(again) == list(range(600)) and {a.code for a in again.values()} == {rtnl.AckCode.EXISTS}
+
+
+def test_without_a_writer_thread_the_batches_go_from_the_callers_thread(
+        netns: Callable[[], Netns], monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    h = host(netns)
+    fib = Fib(20, netns=h.name, kernel=rtnl.RtnlSocket(h.name, batch_size=30))
+    fib.resync()
+    prefixes = slash32s("10.48.0.0", 200)
+    fib.update(dict.fromkeys(prefixes, ("10.99.0.2",)))
+    stats = fib.apply(sweep=True)
+    assert stats.added == 200 and stats.failed == 0
+    assert len(kernel_routes(h)) == 200
+    fib.update(dict.fromkeys(prefixes))
+    assert fib.apply(sweep=True).removed == 200
+    assert kernel_routes(h) == {}
+    fib.close()
