@@ -179,3 +179,48 @@ def test_without_a_writer_thread_the_batches_go_from_the_callers_thread(
     assert fib.apply(sweep=True).removed == 200
     assert kernel_routes(h) == {}
     fib.close()
+
+
+@pytest.mark.parametrize("rcvbuf", [rtnl.DEFAULT_RCVBUF, 64 << 10])
+def test_only_failures_are_reported_with_or_without_an_ack_per_request(netns: Callable[[], Netns],
+                                                                        rcvbuf: int) -> None:
+    """With a big receive buffer only each batch's last request asks for an acknowledgement; a
+    small one (an error could be dropped) keeps one per request. Either way every failed request
+    is named, including the last of a batch, and everything else is in the kernel."""
+    h = host(netns)
+    gw = socket.inet_aton("10.99.0.2")
+    route = RouteMsg(socket.AF_INET, b"", 32, rtnl.RT_TABLE_MAIN, 79, metric=20, gateway=gw)
+    dsts = [socket.inet_aton(p[:-3]) for p in slash32s("10.48.0.0", 1000)]
+    taken = {i for i in range(1000) if i % 7 == 3 or i % 100 == 99}  # 99: the last of each batch
+    with rtnl.RtnlSocket(h.name, batch_size=100, rcvbuf=rcvbuf) as sock:
+        assert TemplateWriterFlag(sock) == (rcvbuf == rtnl.DEFAULT_RCVBUF)
+        sock.route_batch([(Op.CREATE, route._replace(dst=dsts[i])) for i in sorted(taken)])
+        failures = sock.template_batch(RouteTemplate(Op.CREATE, route), dsts)
+        assert set(failures) == taken and {a.code for a in failures.values()} == {rtnl.AckCode.EXISTS}
+        assert len(sock.dump_routes(socket.AF_INET, proto=79)) == 1000
+        removed = sock.template_batch(RouteTemplate(Op.DELETE, route), dsts[:500])
+        assert removed == {}
+        again = sock.template_batch(RouteTemplate(Op.DELETE, route), dsts[:500])
+        assert set(again) == set(range(500))
+        # 500 errors overflow a small buffer: some are LOST (reported as such: the caller reads back)
+        codes = {a.code for a in again.values()}
+        assert codes == {rtnl.AckCode.NOT_FOUND} if rcvbuf == rtnl.DEFAULT_RCVBUF else \
+            codes <= {rtnl.AckCode.NOT_FOUND, rtnl.AckCode.LOST}
+
+
+def TemplateWriterFlag(sock: rtnl.RtnlSocket) -> bool:  # noqa: N802
+    return rtnl.TemplateWriter(sock).ack_last_only
+
+
+def test_ack_last_only_sets_the_flag_on_the_last_message_alone() -> None:
+    route = RouteMsg(socket.AF_INET, b"", 32, rtnl.RT_TABLE_MAIN, 79, metric=20, gateway=socket.inet_aton("10.0.0.1"))
+    t = RouteTemplate(Op.CREATE, route)
+    dsts = [bytes([10, 1, 0, i]) for i in range(5)]
+    buf = bytearray(t.size * 5)
+    t.pack_into(buf, 40, dsts, ack_last_only=True)
+    for i, dst in enumerate(dsts):
+        want = bytearray(rtnl.pack_route(40 + i, Op.CREATE, route._replace(dst=dst)))
+        if i < 4:
+            flags = int.from_bytes(want[6:8], "little") & ~rtnl.NLM_F_ACK
+            want[6:8] = flags.to_bytes(2, "little")
+        assert buf[i * t.size:(i + 1) * t.size] == want, i
