@@ -196,10 +196,17 @@ def test_only_failures_are_reported_with_or_without_an_ack_per_request(netns: Ca
         assert TemplateWriterFlag(sock) == (rcvbuf == rtnl.DEFAULT_RCVBUF)
         sock.route_batch([(Op.CREATE, route._replace(dst=dsts[i])) for i in sorted(taken)])
         failures = sock.template_batch(RouteTemplate(Op.CREATE, route), dsts)
-        assert set(failures) == taken and {a.code for a in failures.values()} == {rtnl.AckCode.EXISTS}
+        if rcvbuf == rtnl.DEFAULT_RCVBUF:
+            assert set(failures) == taken and {a.code for a in failures.values()} == {rtnl.AckCode.EXISTS}
+        else:  # one ack per request overflows a small buffer under load: those requests are LOST
+            assert set(failures) >= taken
+            assert all(a.code is (rtnl.AckCode.EXISTS if i in taken else rtnl.AckCode.LOST)
+                       or a.code is rtnl.AckCode.LOST for i, a in failures.items())
         assert len(sock.dump_routes(socket.AF_INET, proto=79)) == 1000
         removed = sock.template_batch(RouteTemplate(Op.DELETE, route), dsts[:500])
-        assert removed == {}
+        assert removed == {} if rcvbuf == rtnl.DEFAULT_RCVBUF else \
+            {a.code for a in removed.values()} <= {rtnl.AckCode.LOST}
+        assert not [r for r in sock.dump_routes(socket.AF_INET, proto=79) if r.dst in set(dsts[:500])]
         again = sock.template_batch(RouteTemplate(Op.DELETE, route), dsts[:500])
         assert set(again) == set(range(500))
         # 500 errors overflow a small buffer: some are LOST (reported as such: the caller reads back)

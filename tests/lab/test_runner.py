@@ -45,9 +45,11 @@ def test_two_racks_topology_etcd_and_tors(make_lab: Callable[..., Lab]) -> None:
     # the ToRs peer with each other over eBGP and learn each other's rack subnet into the kernel
     wait_until(lambda: _frr_peer_states(lab, "tor1").get("10.0.0.1") == "Established", 30, "tor1-tor2 session")
     wait_until(lambda: "10.0.2.0/24" in _kernel_routes(lab, "tor1"), 15, "tor1 learning rack 2")
+    # and the way back (the reply needs it: tor1's route alone raced tor2's under load)
+    wait_until(lambda: "10.0.1.0/24" in _kernel_routes(lab, "tor2"), 15, "tor2 learning rack 1")
     assert "65002" in lab.router_routes("tor1")
     # underlay: a host of rack 1 reaches a host of rack 2 through both ToRs
-    assert lab.ping("h1a", "10.0.2.11", count=1, timeout=2)
+    wait_until(lambda: lab.ping("h1a", "10.0.2.11", count=1, timeout=2), 10, "h1a reaching h2b across the racks")
     # the hosts reach etcd on the management network, as in containerlab
     code = f"import urllib.request; print(urllib.request.urlopen('{lab.etcd_endpoint_inside}/health').read().decode())"
     r = lab.run("h2b", [sys.executable, "-c", code])
