@@ -434,7 +434,7 @@ class Fib:
         # hot loop (100k routes at a session's start): locals, no per-route method calls on the common path
         next_hops, actual, want_map, adopted = self._next_hops, self._actual, self._want, self._adopted
         conflicts, cache, pools, unroutable = self._conflicts, self._spec_cache, self.pools, self._unroutable
-        create, replace, delete, af, scope, unicast = Op.CREATE, Op.REPLACE, Op.DELETE, socket.AF_INET, \
+        create, delete, af, scope, unicast = Op.CREATE, Op.DELETE, socket.AF_INET, \
             rtnl.RT_SCOPE_UNIVERSE, rtnl.RTN_UNICAST
         inet_aton = socket.inet_aton
         last_hops: tuple[str, ...] | None = None  # the RIB shares next-hop tuples: one spec lookup per run
@@ -518,12 +518,7 @@ class Fib:
                     msg = RouteMsg(af, packed, plen, TABLE, PROTO_BGPD, scope, unicast, metric, 0, spec.hops[0][0], 0)
                 else:
                     msg = self._message(packed, plen, spec, 0)
-                if have is None or have[0] != metric:
-                    requests.append((create, msg))
-                    meta.append((prefix, "add", have))
-                else:
-                    requests.append((replace, msg))
-                    meta.append((prefix, "change", have))
+                self._queue_write(requests, meta, prefix, msg, have)
             for (gw, plen), (prefixes, dsts) in fresh.items():
                 if dsts:
                     bulk.submit(create, gw, metric, plen, prefixes, dsts)
@@ -548,13 +543,7 @@ class Fib:
                     self._dirty.add(prefix)  # felix creates the device: retried at the next apply
                     continue
                 tunl = devices[spec.dev] = link.ifindex
-            msg = self._message(packed, plen, spec, tunl)
-            if have is None or have[0] != metric:
-                requests.append((create, msg))
-                meta.append((prefix, "add", have))
-            else:
-                requests.append((replace, msg))
-                meta.append((prefix, "change", have))
+            self._queue_write(requests, meta, prefix, self._message(packed, plen, spec, tunl), have)
         for m in self._extra:
             requests.append((Op.DELETE_EXACT, m))
             meta.append(("", "extra", None))
@@ -601,6 +590,18 @@ class Fib:
         else:
             self._unroutable.pop(prefix, None)
         return spec
+
+    def _queue_write(self, requests: list[tuple[Op, RouteMsg]],
+                     meta: list[tuple[str, str, tuple[int, Signature | None] | None]], prefix: str, msg: RouteMsg,
+                     have: tuple[int, Signature | None] | None) -> None:
+        """A route of ours that is not there at our metric is created (its old metric's twin goes
+        after it: make before break); one that is, is replaced in place."""
+        if have is None or have[0] != self.metric:
+            requests.append((Op.CREATE, msg))
+            meta.append((prefix, "add", have))
+        else:
+            requests.append((Op.REPLACE, msg))
+            meta.append((prefix, "change", have))
 
     def _message(self, packed: bytes, plen: int, spec: Spec, tunl: int) -> RouteMsg:
         if len(spec.hops) == 1:
