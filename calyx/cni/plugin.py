@@ -79,7 +79,8 @@ def _host_nets(result: Mapping[str, Any]) -> list[IPNet]:
     return nets
 
 
-def _endpoint(cluster: Cluster, ident: Identity, pc: PluginConf, nets: list[IPNet], mac: str | None) -> Any:
+def _endpoint(cluster: Cluster, ident: Identity, pc: PluginConf, nets: list[IPNet], mac: str | None,
+              network: str) -> Any:
     """The WorkloadEndpoint, validated by the model (code 7 for bad labels or profile names)."""
     from calyx.datastore import keys
     from calyx.model import ModelError, WorkloadEndpoint
@@ -91,6 +92,8 @@ def _endpoint(cluster: Cluster, ident: Identity, pc: PluginConf, nets: list[IPNe
         "profiles": list(pc.profiles),
         "labels": dict(pc.labels),
         "state": "active",
+        "container_id": ident.container_id,
+        "network": network,
     }
     if mac:
         data["mac"] = mac
@@ -144,7 +147,7 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
     ident = identity(env, pc.orchestrator)
     ipam_type = _ipam_type(nc)
     cluster = cluster_from(nc.raw, environ=environ)
-    _endpoint(cluster, ident, pc, [], None)  # invalid labels fail before anything is allocated
+    _endpoint(cluster, ident, pc, [], None, nc.name)  # invalid labels fail before anything is allocated
     os.close(dataplane.open_netns(env.netns))  # so does a vanished namespace
     ipam_result = _ipam(nc, env, "ADD") or {}
     try:
@@ -153,7 +156,7 @@ def cmd_add(nc: NetConf, env: Env, environ: Mapping[str, str]) -> dict[str, Any]
             raise CNIError(spec.IPAM_ERROR, f"IPAM plugin {ipam_type} returned no address")
         wired = dataplane.setup(env.netns, env.ifname, ident.host_iface, nets, mtu=pc.mtu or felix_mtu(nc.raw))
         try:
-            ep = _endpoint(cluster, ident, pc, nets, wired.mac)
+            ep = _endpoint(cluster, ident, pc, nets, wired.mac, nc.name)
             from calyx import model
 
             key = model.key_of(ep)
@@ -274,6 +277,7 @@ def cmd_status(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
 
 
 def cmd_gc(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
+    from calyx import model
     from calyx.cni import dataplane
     from calyx.cni.netconf import Identity
     from calyx.datastore import keys
@@ -285,9 +289,21 @@ def cmd_gc(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
         raise CNIError(spec.INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
     valid = {(a.get("containerID"), a.get("ifname")) for a in valid_raw if isinstance(a, dict)}
     cluster = cluster_from(nc.raw, environ=environ)
+    stale: dict[str, Identity] = {}  # endpoint key → identity of an attachment that is no longer valid
     store = cluster.store()
     try:
         with errors_translated():
+            # endpoints that name their attachment (written by this plugin, any IPAM plugin)
+            for kv in store.get_prefix(keys.workloads_prefix(cluster.node_name))[0]:
+                try:
+                    ep = model.decode(kv.key, kv.value)
+                except model.ModelError:
+                    continue
+                if not isinstance(ep, model.WorkloadEndpoint) or ep.network != nc.name or not ep.container_id:
+                    continue
+                if (ep.container_id, ep.endpoint) not in valid:
+                    stale[kv.key] = Identity(ep.orchestrator, ep.workload, ep.endpoint, ep.container_id)
+            # calyx-ipam handles (also finds endpoints written before they named their attachment)
             for h, _ in IPAM(store).handles().values():
                 a = h.attributes
                 if a.get("network") != nc.name or a.get("node") != cluster.node_name:
@@ -296,8 +312,9 @@ def cmd_gc(nc: NetConf, env: Env, environ: Mapping[str, str]) -> None:
                         a.get(k) for k in ("orchestrator", "workload", "endpoint")):
                     continue
                 ident = Identity(a["orchestrator"], a["workload"], a["endpoint"], a.get("container_id", ""))
-                store.commit([Delete(keys.workload_key(cluster.node_name, ident.orchestrator, ident.workload,
-                                                       ident.endpoint), None)])
+                stale[keys.workload_key(cluster.node_name, ident.orchestrator, ident.workload, ident.endpoint)] = ident
+            for key, ident in stale.items():
+                store.commit([Delete(key, None)])
                 dataplane.teardown(ident.host_iface)
     finally:
         store.close()

@@ -28,6 +28,10 @@ class WorkloadEndpoint:
     profiles: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     state: str = "active"
+    #: the CNI attachment that made it (empty when written by hand): CNI GC finds stale endpoints by
+    #: it, whichever IPAM plugin gave the addresses
+    container_id: str = ""
+    network: str = ""
 
     @property
     def name(self) -> str:
@@ -68,6 +72,8 @@ class WorkloadEndpoint:
             profiles=r.str_list("profiles", pattern=NAME_RE, what="profile name"),
             labels=r.labels("labels"),
             state=r.choice("state", ("active", "inactive"), "active"),
+            container_id=r.str_("container_id", "") or "",
+            network=r.str_("network", "") or "",
         )
         r.done()
         return obj
@@ -81,4 +87,8 @@ class WorkloadEndpoint:
         d["profiles"] = list(self.profiles)
         d["labels"] = dict(self.labels)
         d["state"] = self.state
+        if self.container_id:
+            d["container_id"] = self.container_id
+        if self.network:
+            d["network"] = self.network
         return d

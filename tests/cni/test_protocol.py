@@ -315,3 +315,29 @@ def test_second_network_in_one_container_keeps_the_first_default_route(ready: Cn
     c.ip("route", "del", "default")
     rc, out = h.plugin("calyx", "CHECK", {**conf(h), "prevResult": first}, container_id="multi", netns=c.path)
     assert rc == 1 and out["code"] == 104 and "no default route via 169.254.1.1 dev eth0" in out["msg"], out
+
+
+def test_gc_with_another_ipam_plugin_finds_stale_endpoints_by_their_attachment(ready: CniHost) -> None:
+    """host-local keeps its own state: GC finds this network's stale endpoints from the attachment
+    they record (container id, network), removes them and their veths, keeps the valid ones and
+    those of other networks, then hands GC to host-local (Debian 12's has no GC, so its refusal is
+    the answer, after Calyx's own part is done)."""
+    h = ready
+    hl = {**conf(h), "name": "hl", "ipam": {"type": "host-local", "dataDir": str(h.root / "host-local"),
+                                                     "ranges": [[{"subnet": "10.72.0.0/24"}]]}}
+    c1, c2 = h.new_netns(), h.new_netns()
+    for cid, ns in (("hl-keep", c1), ("hl-stale", c2)):
+        rc, out = h.plugin("calyx", "ADD", hl, container_id=cid, netns=ns.path)
+        assert rc == 0, out
+    ep = json.loads(h.ds.get(keys.workload_key(h.node, "cni", "hl-keep", "eth0")).value)  # type: ignore[union-attr]
+    assert (ep["container_id"], ep["network"]) == ("hl-keep", "hl")
+    links_before = [x for x in h.host_links() if x.startswith("cali")]
+    gc = {**hl, "cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"containerID": "hl-keep", "ifname": "eth0"}]}
+    rc, out = h.plugin("calyx", "GC", gc)
+    # a host-local without GC (Debian 12's) refuses it; its answer is passed on, after Calyx's part
+    assert rc == 0 or (rc == 1 and out["msg"].startswith("host-local:")), out
+    workloads = {kv.key.split("/")[-2] for kv in h.ds.get_prefix(keys.WORKLOADS_PREFIX)[0]}
+    assert workloads == {"hl-keep", "base"}  # base is net1's (calyx-ipam): not this network's to collect
+    assert len([x for x in h.host_links() if x.startswith("cali")]) == len(links_before) - 1
+    assert "eth0" not in [link["ifname"] for link in c2.ip_json("link", "show")]
+    assert "eth0" in [link["ifname"] for link in c1.ip_json("link", "show")]

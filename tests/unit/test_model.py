@@ -28,7 +28,7 @@ VALID = {
     "/calyx/v1/ipam/reservations/db": {"address": "10.65.9.9", "workload": "db-0"},
     "/calyx/v1/workloads/h1/cni/c1/eth0": {"iface": "cali0123456789a", "mac": "ee:ee:ee:ee:ee:ee",
                                            "ipv4_nets": ["10.65.0.1/32"], "profiles": ["tenant-a"],
-                                           "labels": {"app": "web"}},
+                                           "labels": {"app": "web"}, "container_id": "c1", "network": "calyx"},
     "/calyx/v1/policy/profiles/tenant-a": {
         "labels_to_apply": {"tenant": "a"},
         "ingress": [{"action": "allow", "source": {"selector": "tenant == 'a'"}}],
@@ -121,6 +121,7 @@ BAD = [
      "slots"),
     ("/calyx/v1/ipam/blocks/not-a-cidr", b'{"cidr": "10.65.0.0/26"}', "", "invalid block name"),
     ("/calyx/v1/workloads/h/o/w/e", b'{"ipv4_nets": []}', "iface", "required"),
+    ("/calyx/v1/workloads/h/o/w/e", b'{"iface": "cali1", "container_id": 7}', "container_id", "expected a string"),
     ("/calyx/v1/workloads/h/o/w/e", b'{"iface": "this-name-is-too-long"}', "iface", "15 characters"),
     ("/calyx/v1/workloads/h/o/w/e", b'{"iface": "cali1", "ipv4_nets": ["10.0.0.0/24"]}', "ipv4_nets[0]",
      "single address"),
