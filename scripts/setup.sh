@@ -14,7 +14,8 @@ APT_PACKAGES=(
   golang-go golang-github-appc-cni-dev   # to build cnitool (scripts/build-cnitool.sh)
   containernetworking-plugins        # reference CNI plugins (portmap, tuning, bandwidth, host-local)
   podman runc containerd busybox-static   # real runtimes for the CNI tests
-  user-mode-linux kmod               # IP-in-IP tests run in UML (this host kernel has no ipip)
+  qemu-system-x86 linux-image-cloud-amd64 kmod cpio   # a second kernel under QEMU (tests/fixtures/vm.py):
+                                                       # this host's kernel has no ipip
   systemd                            # systemd-analyze verify of the unit files (no systemd needs to run)
 )
 
@@ -49,4 +50,5 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/python --version), $(etcd --version 2>/dev/null | head -1))"
+scripts/build-vm-initramfs.sh >/dev/null
 scripts/build-cnitool.sh >/dev/null || echo "setup: cnitool could not be built (CNI client tests will be skipped)" >&2

@@ -1,7 +1,7 @@
-"""Run inside User-Mode Linux by tests/encap/test_ipip_uml.py (its kernel has ipip): IP-in-IP end to end.
+"""Run inside the test VM by tests/encap/test_ipip_vm.py (its kernel has ipip): IP-in-IP end to end.
 
 The topology of :mod:`tests.encap.topo` (three hosts, felix and bgpd as subprocesses, a router
-without BGP, etcd started inside UML on its loopback and relayed into the host namespaces), with
+without BGP, etcd started inside the VM on its loopback and relayed into the host namespaces), with
 the pool in ``ipip_mode: CrossSubnet``. Proved with real packets:
 
 - cross-subnet: h1's route to h2's block is ``via 10.31.2.1 dev tunl0 onlink`` (bgpd), tunl0 is up
@@ -27,7 +27,7 @@ from tests.encap.topo import Capture, Topo, block_of, encap_topology, frag_neede
 from tests.fixtures.etcd import EtcdMember
 from tests.fixtures.routers import wait_for
 
-pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_UML") != "1", reason="runs inside UML only")
+pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_VM") != "1", reason="runs inside the test VM only")
 
 
 @pytest.fixture(scope="module")

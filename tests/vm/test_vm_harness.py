@@ -1,4 +1,4 @@
-"""The UML harness itself: IP-in-IP works in its kernel, across a router that knows no workload routes.
+"""The VM harness itself, and IP-in-IP in its kernel across a router that knows no workload routes.
 
 This is the kernel-level baseline the IP-in-IP tests build on: two hosts in different subnets, a
 router between them with only the hosts' subnets, a workload /32 on each host, and a
@@ -8,11 +8,14 @@ between the host addresses — never the workload addresses.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from tests.fixtures.uml import Uml
+from tests.fixtures.vm import Vm, cloud_kernel, kvm_unusable
 
-pytestmark = pytest.mark.uml
+pytestmark = pytest.mark.vm
 
 SCRIPT = r"""
 set -e
@@ -46,11 +49,41 @@ grep -q "10.98.1.2 > 10.98.2.2: IP 10.65.1.1 > 10.65.2.1: ICMP echo request" /ru
 # without the tunnel route the router has no idea where 10.65.2.0/26 is
 ip -n h1 route del 10.65.2.0/26
 ! ip netns exec w1 ping -c 1 -W 1 10.65.2.1
-echo UML-IPIP-OK
+echo VM-IPIP-OK
 """
 
 
-def test_ipip_across_a_router_without_workload_routes(uml: Uml) -> None:
-    result = uml.run(SCRIPT).check()
-    assert "UML-IPIP-OK" in result.output
+def test_ipip_across_a_router_without_workload_routes(vm: Vm) -> None:
+    result = vm.run(SCRIPT).check()
+    assert "VM-IPIP-OK" in result.output
     assert "3 received" in result.output
+
+
+def test_the_guest_runs_the_cloud_kernel_on_a_read_only_host_root(vm: Vm) -> None:
+    r = vm.run("uname -r; touch /usr/calyx-vm-probe 2>&1; touch /run/tmp/ok && echo scratch-writable").check()
+    lines = r.output.splitlines()
+    assert lines[0] == cloud_kernel() != os.uname().release
+    assert "Read-only file system" in r.output
+    assert "scratch-writable" in lines
+    assert not Path("/usr/calyx-vm-probe").exists()
+
+
+def test_exit_codes_output_and_timeouts(vm: Vm) -> None:
+    boots = vm.boots
+    r = vm.run("echo to-stdout; echo to-stderr >&2; exit 7", modules=())
+    assert r.returncode == 7
+    assert "to-stdout" in r.output and "to-stderr" in r.output
+    with pytest.raises(AssertionError, match="exited 7"):
+        r.check()
+    assert "CALYX-VM-EXIT-CODE=7" in vm.console()
+    # a command past its timeout is killed (with everything it started) and reported as unfinished
+    slow = vm.run("sleep 600 & sleep 600", modules=(), timeout=2)
+    assert slow.returncode is None and "killed after the 2 s timeout" in slow.output
+    assert vm.run("pgrep -x sleep || echo none-left", modules=()).check().output.strip() == "none-left"
+    assert vm.boots == boots  # the same guest served all of it
+
+
+def test_the_accelerator_was_probed(vm: Vm) -> None:
+    assert vm.accel in ("kvm", "tcg"), vm.describe()
+    if kvm_unusable() is not None:
+        assert vm.accel == "tcg", vm.describe()

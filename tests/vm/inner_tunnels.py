@@ -1,4 +1,4 @@
-"""Run inside UML by tests/uml/test_tunnels_uml.py (its kernel has ipip): the tunl0 driver."""
+"""Run inside the test VM by tests/vm/test_tunnels_vm.py (its kernel has ipip): the tunl0 driver."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.fixtures.netns import Netns
 
 A = ipaddress.IPv4Address
 
-pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_UML") != "1", reason="runs inside UML only")
+pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_VM") != "1", reason="runs inside the test VM only")
 
 
 def test_tunl0_driver(netns: Callable[[], Netns]) -> None:
