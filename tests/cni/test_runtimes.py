@@ -31,7 +31,7 @@ N = ipaddress.ip_network
 def busybox_rootfs(root: Path) -> Path:
     busybox = shutil.which("busybox")
     if busybox is None:
-        pytest.skip("busybox-static is not installed")
+        pytest.fail("busybox not found (Debian package busybox-static; scripts/setup.sh installs it)")
     rootfs = root / "rootfs"
     for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def pool(cni_host: CniHost) -> IPPool:
 class Podman:
     def __init__(self, h: CniHost, root: Path) -> None:
         if shutil.which("podman") is None or shutil.which("runc") is None:
-            pytest.skip("podman or runc is not installed")
+            pytest.fail("podman or runc not found (Debian packages podman, runc; scripts/setup.sh installs them)")
         self.h = h
         self.root = root
         self.rootfs = busybox_rootfs(root)
@@ -152,9 +152,10 @@ class Containerd:
 
     def __init__(self, h: CniHost, root: Path) -> None:
         if shutil.which("containerd") is None or shutil.which("ctr") is None:
-            pytest.skip("containerd is not installed")
+            pytest.fail("containerd or ctr not found (Debian package containerd; scripts/setup.sh installs it)")
         if not Path("/etc/cni/net.d").is_dir() or not Path("/opt").is_dir():
-            pytest.skip("ctr's CNI paths /etc/cni/net.d and /opt must exist to be bind-mounted over")
+            pytest.fail("ctr's CNI paths /etc/cni/net.d and /opt must exist to be bind-mounted over "
+                        "(/etc/cni/net.d comes with Debian's containernetworking-plugins)")
         self.h = h
         self.root = root
         self.sock = root / "containerd.sock"

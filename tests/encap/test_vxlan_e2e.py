@@ -125,7 +125,8 @@ def test_ipip_pool_on_a_kernel_without_ipip_is_reported_and_felix_goes_on(topo: 
     """Last: this machine's kernel has no ipip. felix says so in its log and status, keeps running and
     keeps programming the rest (VXLAN is taken down, same-subnet workloads still talk directly)."""
     if topo.hosts["h1"].run("ip", "link", "show", "tunl0", check=False).strip():
-        pytest.skip("this kernel has ipip (the UML test covers IP-in-IP)")
+        pytest.skip("this kernel has ipip, so the ipip-less path cannot be shown here "
+                    "(IP-in-IP itself is tests/encap/test_ipip_vm.py)")
     topo.cluster.pool("encap", "10.66.0.0/16", ipip_mode="CrossSubnet", block_size=26)
     ds = topo.cluster.ds
 

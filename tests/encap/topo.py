@@ -9,8 +9,8 @@
 One pool 10.66.0.0/16 (its encapsulation fields given by the test), blocks of /26 from IPAM, which
 also gives the workloads their addresses; one workload per host (veth + namespace, an allow-all
 profile); felix and bgpd run as subprocesses in the host namespaces (etcd reached through
-:class:`~tests.bgpd.topo.EtcdForward`). Used on this machine for VXLAN and inside User-Mode Linux
-for IP-in-IP.
+:class:`~tests.bgpd.topo.EtcdForward`). Used on this machine for VXLAN and inside the test VM
+(tests/fixtures/vm.py) for IP-in-IP.
 """
 
 from __future__ import annotations

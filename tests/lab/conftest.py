@@ -38,10 +38,10 @@ def wait_until(fn: Callable[[], object], timeout: float, what: str, interval: fl
 
 
 def need(*programs: str) -> None:
-    """Skip (with the reason) when Calyx programs the test drives are not installed yet."""
+    """Fail, naming them, when Calyx programs the test drives are not installed (scripts/setup.sh)."""
     missing = missing_programs(list(programs))
     if missing:
-        pytest.skip(f"not installed yet: {', '.join(missing)}")
+        pytest.fail(f"Calyx programs not installed: {', '.join(missing)} (scripts/setup.sh installs them)")
 
 
 @pytest.fixture

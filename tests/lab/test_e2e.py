@@ -6,7 +6,7 @@ cross-rack ping loses nothing; a ToR restart heals; a new endpoint's convergence
 a removed host's routes are withdrawn everywhere (last: it changes the lab).
 route-reflectors: reachability through the Calyx and the BIRD reflector, and with either down.
 
-Skipped, with the reason, while felix, bgpd or the CNI plugins are not installed.
+Fails, naming them, when felix, bgpd or the CNI plugins are not installed.
 """
 
 from __future__ import annotations
