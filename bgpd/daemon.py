@@ -622,7 +622,7 @@ def main(cfg: Config) -> int:
     """``bgpd run``."""
     from calyx import daemon as calyx_daemon
 
-    setup_logging(cfg.log_level, "bgpd")
+    setup_logging(cfg.log_level, "bgpd", log_format=cfg.log_format, node=cfg.node_name)
     start_metrics(cfg.metrics_host, cfg.metrics_port)
     ds = Datastore(cfg.etcd_endpoints, **calyx_config.datastore_kwargs(cfg))
     bgpd = BgpDaemon(cfg, ds)

@@ -19,6 +19,12 @@ stdout, stderr and environment (:func:`calyx.cni.spec.call_io`). Only root and t
 user may call (``SO_PEERCRED`` uid). At most ``--max-calls`` run at once; more wait their turn.
 SIGTERM stops accepting and waits up to 30 s for the calls in flight.
 
+Configuration: the service's own (``config.load("cni")``: ``--config``, ``CALYX_CONFIG``, the
+``[cni]`` table, ``CALYX_*``) sets its ``log_level``, ``log_format`` and the node name its JSON
+lines carry, and a configuration that cannot work (a bad key, a missing TLS file) ends it with one
+line and exit code 2 before it listens. Each call still reads the cluster's settings from its own
+network configuration and the caller's environment (:mod:`calyx.cni.netconf`).
+
 Requirements: the service shares the runtimes' mount and PID namespaces (netns paths such as
 ``/run/netns/X`` and ``/proc/<pid>/ns/net`` are resolved here) and has what the plugin needs (root:
 ``setns`` needs CAP_SYS_ADMIN, reading another process's namespace CAP_SYS_PTRACE).
@@ -266,13 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-calls", type=int, default=32, help="calls run at once (default %(default)s)")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
     ap.add_argument("--metrics-host", default="127.0.0.1")
-    ap.add_argument("--log-level", default=os.environ.get("CALYX_LOG_LEVEL", "info"))
+    ap.add_argument("--config", default=None,
+                    help="configuration file (default: $CALYX_CONFIG, else /etc/calyx/calyx.toml if present)")
+    ap.add_argument("--log-level", default=None, help="debug, info, warning, error (default: log_level)")
     args = ap.parse_args(argv)
     if args.max_calls < 1:
         ap.error("--max-calls must be at least 1")
+    from calyx import config
     from calyx.daemon import setup_logging, start_metrics
 
-    setup_logging(args.log_level, "calyx-cni-server")
+    try:  # the [cni] table and CALYX_* of the service itself: its logging, and a check that it can work
+        cfg = config.load("cni", path=args.config, flags={"log_level": args.log_level})
+    except config.ConfigError as exc:
+        config.fail("calyx-cni-server", exc)
+    setup_logging(cfg.log_level, "calyx-cni-server", log_format=cfg.log_format, node=cfg.node_name)
     server = Server(args.socket, max_calls=args.max_calls)
     server.bind()
     if args.metrics_port:
