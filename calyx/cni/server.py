@@ -209,7 +209,7 @@ class Server:
         start = time.monotonic()
         pid, uid = _peer(conn)
         if uid not in (0, os.getuid()):
-            log.warning("refused a call from uid %d (pid %d)", uid, pid)
+            log.warning("refused a call from uid %d", uid, extra={"caller_pid": pid})
             return  # closing without an answer: the client reports "try again"; not ours to run
         try:
             data = _read_all(conn)
@@ -221,14 +221,15 @@ class Server:
             if pid <= 0:
                 raise BadRequestError("the caller's process is not visible from the service's PID namespace")
         except (BadRequestError, OSError) as exc:
-            log.warning("refused a call (pid %d): %s", pid, exc)
+            log.warning("refused a call: %s", exc, extra={"caller_pid": pid})
             conn.settimeout(READ_TIMEOUT)
             conn.sendall(shim.REFUSED)
             return
         try:
             caller_ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("refused a call: cannot open the network namespace of pid %d: %s", pid, exc.strerror)
+            log.warning("refused a call: cannot open the caller's network namespace: %s", exc.strerror,
+                        extra={"caller_pid": pid})
             conn.sendall(shim.REFUSED)
             return
         out, err = io.StringIO(), io.StringIO()
@@ -236,7 +237,8 @@ class Server:
             with netns.enter(f"/proc/self/fd/{caller_ns}"):
                 code = contextvars.Context().run(self._run, plugin, environ, stdin, out, err)
         except netns.NamespaceError as exc:
-            log.warning("refused a call: cannot enter the network namespace of pid %d: %s", pid, exc)
+            log.warning("refused a call: cannot enter the caller's network namespace: %s", exc,
+                        extra={"caller_pid": pid})
             conn.sendall(shim.REFUSED)
             return
         finally:
@@ -244,8 +246,9 @@ class Server:
         elapsed = time.monotonic() - start
         command = environ.get("CNI_COMMAND", "")
         self.calls += 1
-        log.info("%s %s container=%s ifname=%s exit=%d in %.1f ms", plugin, command or "-",
-                 environ.get("CNI_CONTAINERID", "-"), environ.get("CNI_IFNAME", "-"), code, elapsed * 1000)
+        log.info("%s %s", plugin, command or "-", extra={
+            "container": environ.get("CNI_CONTAINERID", "-"), "ifname": environ.get("CNI_IFNAME", "-"), "exit": code,
+            "duration_ms": round(elapsed * 1000, 1)})
         if self._metrics is not None:
             calls, duration = self._metrics
             calls.labels(plugin, command, "ok" if code == 0 else "error").inc()  # type: ignore[attr-defined]
@@ -254,7 +257,7 @@ class Server:
         try:
             conn.sendall(encode_answer(code, out.getvalue().encode(), err.getvalue().encode()))
         except OSError as exc:  # the runtime gave up on the call; its DEL cleans up an ADD
-            log.warning("caller pid %d left before the answer: %s", pid, exc)
+            log.warning("caller left before the answer: %s", exc, extra={"caller_pid": pid})
 
     def _run(self, plugin: str, environ: dict[str, str], stdin: bytes, out: io.StringIO, err: io.StringIO) -> int:
         spec.call_io(spec.CallIO(out, err, environ))
