@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,3 +105,39 @@ def test_plain_text_when_journal_stream_names_another_stream(tmp_path: Path) -> 
     lines = out.splitlines()
     assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} calyx-cni-server\[\d+\] [A-Z]+ ", x)
                          for x in lines), out
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("daemon", ["felix", "bgpd"])
+def test_felix_and_bgpd_write_json_lines(daemon: str, tmp_path: Path) -> None:
+    """felix and bgpd, each in a network namespace of its own (unshare --net: nothing on this host is
+    touched) with an etcd that does not answer: they log in JSON, including the syncer's warning."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is needed")
+    conf = tmp_path / "calyx.toml"
+    conf.write_text(f'node_name = "json-{daemon}"\netcd_endpoints = ["http://127.0.0.1:9"]\netcd_timeout = 1\n'
+                    f'metrics_port = 0\nstate_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\n')
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CALYX_") and k != "JOURNAL_STREAM"}
+    err = tmp_path / "stderr"
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([unshare, "--net", str(Path(sys.executable).parent / daemon), "run"],
+                                stdout=subprocess.DEVNULL, stderr=f,
+                                env={**base, "CALYX_CONFIG": str(conf), "CALYX_LOG_FORMAT": "json"})
+    try:
+        deadline = time.monotonic() + 60
+        while "datastore unavailable" not in err.read_text(errors="replace"):
+            assert proc.poll() is None, err.read_text(errors="replace")
+            assert time.monotonic() < deadline, err.read_text(errors="replace")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    objs = [json.loads(line) for line in err.read_text().splitlines()]
+    assert all(o["component"] == daemon and o["node"] == f"json-{daemon}" for o in objs), objs
+    warn = [o for o in objs if "datastore unavailable" in o["msg"]]
+    assert warn and warn[0]["level"] == "warning" and warn[0]["logger"] == "calyx.datastore.syncer"
+    assert any(o["msg"] == "SIGTERM: shutting down" for o in objs), objs
