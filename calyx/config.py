@@ -18,13 +18,10 @@ one line on stderr and exit code 2 (:func:`fail`), which the systemd units do no
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import logging
 import os
 import re
 import socket
-import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -32,13 +29,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from calyx import logfmt
+# ssl, difflib and calyx.logfmt are imported where they are needed: a CNI plugin that reads this
+# configuration pays for every import at each call.
 
 DEFAULT_PATH = "/etc/calyx/calyx.toml"
 COMPONENTS = ("felix", "bgpd", "cni", "calyxctl")
 EXIT_CONFIG = 2
 #: exit code of a daemon that must be restarted to apply a configuration change
 EXIT_RESTART = 129
+#: values of log_format (calyx.logfmt implements them)
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -199,7 +199,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "etcd_password": _str,
     "etcd_timeout": _float_range(0.1, 600),
     "log_level": _choice("debug", "info", "warning", "error", "critical"),
-    "log_format": _choice(*logfmt.FORMATS),
+    "log_format": _choice(*LOG_FORMATS),
     "metrics_port": _int_range(0, 65535),
     "metrics_host": _str,
     "state_dir": _str,
@@ -234,6 +234,8 @@ assert set(FIELDS) <= {f.name for f in fields(Config)}
 def _convert(key: str, value: object, source: str) -> Any:
     conv = FIELDS.get(key)
     if conv is None:
+        import difflib
+
         near = difflib.get_close_matches(key, FIELDS, n=1)
         hint = f"did you mean {near[0]!r}?" if near else "docs/configuration.md lists the keys"
         raise ConfigError(f"{source}: unknown configuration key {key!r}: {hint}")
@@ -267,6 +269,10 @@ def _check_files(values: Mapping[str, Any], origins: Mapping[str, str]) -> None:
             raise ConfigError(f"{where(key)}: {key}: file {p} cannot be read by uid {os.geteuid()} ({exc.strerror}): "
                               f"let this user read it (bgpd runs as calyx: install -m 0640 -g calyx) or correct the "
                               f"path") from None
+    if not (values.get("etcd_ca") or values.get("etcd_cert")):
+        return
+    import ssl
+
     try:
         if values.get("etcd_ca"):
             ssl.create_default_context(cafile=values["etcd_ca"])
@@ -364,6 +370,10 @@ def fail(program: str, exc: ConfigError) -> NoReturn:
 
     Under systemd the line carries priority 3 (error) for journald, like a logged error.
     """
+    import logging
+
+    from calyx import logfmt
+
     prefix = f"<{logfmt.priority(logging.ERROR)}>" if logfmt.stderr_is_journal() else ""
     text = " ".join(str(exc).split("\n"))
     print(f"{prefix}{program}: configuration error: {text}", file=sys.stderr, flush=True)

@@ -50,7 +50,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-FORMATS = ("text", "json")
+from calyx.config import LOG_FORMATS as FORMATS
 
 #: sd-daemon(3) / syslog(3) priorities of the logging levels
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
