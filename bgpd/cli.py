@@ -1,12 +1,13 @@
 """``bgpd`` command line: ``bgpd run`` (the daemon) and ``bgpd render`` (print ExaBGP's configuration).
 
 Options override the configuration file and ``CALYX_*`` variables (calyx.config). A configuration
-error prints one line and exits 2.
+error (and an ExaBGP executable that cannot be found) prints one line and exits 2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -19,8 +20,7 @@ def _load(ctx_opts: dict[str, Any], config_path: str | None) -> calyx_config.Con
     try:
         return calyx_config.load("bgpd", path=config_path, flags=ctx_opts)
     except calyx_config.ConfigError as exc:
-        click.echo(f"bgpd: {exc}", err=True)
-        sys.exit(calyx_config.EXIT_CONFIG)
+        calyx_config.fail("bgpd", exc)
 
 
 def _common(f: Any) -> Any:
@@ -46,6 +46,13 @@ def run(config_path: str | None, **flags: Any) -> None:
     """Run the daemon (ExaBGP as a child, routes with protocol 79)."""
     cfg = _load(flags, config_path)
     from bgpd.daemon import main as daemon_main
+    from bgpd.exabgp import resolve_binary
+
+    exe = resolve_binary(cfg.exabgp_bin)
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        calyx_config.fail("bgpd", calyx_config.ConfigError(
+            f"{cfg.origin('exabgp_bin')}: exabgp_bin: {cfg.exabgp_bin!r} is not an executable file (looked on PATH "
+            f"and next to {sys.executable}): install ExaBGP 5 into Calyx's virtualenv or set exabgp_bin to its path"))
 
     sys.exit(daemon_main(cfg))
 
@@ -67,7 +74,7 @@ def render(config_path: str | None, input_path: str | None, **flags: Any) -> Non
 
 
 def main() -> None:
-    cli(auto_envvar_prefix="CALYX_BGPD")
+    cli()
 
 
 if __name__ == "__main__":

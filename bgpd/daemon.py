@@ -290,8 +290,9 @@ class BgpDaemon:
         self.rib.peer_down(peer, None, now)
         self.config_dirty = True
         self.kick.set()
-        log.warning("peer %s sent more than max_prefixes (%s): session closed, its routes removed, held down for "
-                    "%g s (time %d)", peer, sess.neighbor.max_prefixes, self.hold_down, sess.limit_trips)
+        log.warning("peer sent more than max_prefixes (%s): session closed, its routes removed, held down for "
+                    "%g s (time %d)", sess.neighbor.max_prefixes, self.hold_down, sess.limit_trips,
+                    extra={"peer": peer})
 
     def _release_holds(self, now: float) -> None:
         for peer, sess in self.sessions.items():
@@ -438,7 +439,7 @@ class BgpDaemon:
                 if gone or changed:
                     log.info("peer %s: announced %d, withdrew %d", peer, len(changed), len(gone))
             except ChannelError as exc:
-                log.warning("announcing to %s failed: %s (will retry)", peer, exc)
+                log.warning("announcing failed: %s (will retry)", exc, extra={"peer": peer})
                 sess.full_needed = True
                 return
 
@@ -622,7 +623,7 @@ def main(cfg: Config) -> int:
     """``bgpd run``."""
     from calyx import daemon as calyx_daemon
 
-    setup_logging(cfg.log_level, "bgpd")
+    setup_logging(cfg.log_level, "bgpd", log_format=cfg.log_format, node=cfg.node_name)
     start_metrics(cfg.metrics_host, cfg.metrics_port)
     ds = Datastore(cfg.etcd_endpoints, **calyx_config.datastore_kwargs(cfg))
     bgpd = BgpDaemon(cfg, ds)

@@ -567,7 +567,7 @@ class Fib:
                      "writes=%d in %.3f s", stats.added, stats.changed, stats.removed, stats.failed, stats.conflicts,
                      len(self._unroutable), len(self._want), stats.writes, stats.duration)
         for prefix, why in list(stats.errors.items())[:5]:
-            log.warning("fib: %s: %s", prefix, why)
+            log.warning("fib: route not installed: %s", why, extra={"prefix": prefix})
         return stats
 
     def _spec_for(self, prefix: str, packed: bytes, plen: int) -> Spec | None:

@@ -8,26 +8,37 @@ variables may name the component too: ``CALYX_FELIX_METRICS_PORT`` beats ``CALYX
 for felix.
 
 Every key is declared once in :data:`FIELDS` with its type and check; an unknown key or a bad value
-raises :class:`ConfigError` naming the key and where it came from, and the commands turn that into
-one line on stderr and exit code 2.
+raises :class:`ConfigError` naming the key, where it came from (the file and table, the environment
+variable, the flag) and what would be accepted; so does a configuration that cannot work at all: a
+TLS file that does not exist, cannot be read or is not a certificate (key), half of a pair, a node
+name that is not valid (also when it is the host name, the default). The commands turn that into
+one line on stderr and exit code 2 (:func:`fail`), which the systemd units do not restart on
+(``RestartPreventExitStatus=2``): a daemon restarted with the same configuration fails the same way.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+# ssl, difflib and calyx.logfmt are imported where they are needed: a CNI plugin that reads this
+# configuration pays for every import at each call.
 
 DEFAULT_PATH = "/etc/calyx/calyx.toml"
 COMPONENTS = ("felix", "bgpd", "cni", "calyxctl")
 EXIT_CONFIG = 2
 #: exit code of a daemon that must be restarted to apply a configuration change
 EXIT_RESTART = 129
+#: values of log_format (calyx.logfmt implements them)
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -60,6 +71,14 @@ def _str(value: object) -> str:
 def _opt_path(value: object) -> str:
     path = _str(value)
     return path
+
+
+def _ipv4(value: object) -> str:
+    text = _str(value)
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ValueError(f"expected an IPv4 address (a.b.c.d), got {text!r}") from None
 
 
 def _int_range(lo: int, hi: int) -> Callable[[object], int]:
@@ -136,6 +155,7 @@ class Config:
     etcd_password: str | None = None
     etcd_timeout: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     state_dir: str = "/var/lib/calyx"
@@ -160,6 +180,12 @@ class Config:
     bgp_max_prefixes_hold_down: float = 60.0
     # where this config came from, for messages
     source: str = ""
+    #: (key, where its value came from) for every key not left at its default
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, key: str) -> str:
+        """Where ``key``'s value came from: a file (and table), an environment variable, a flag, or "default"."""
+        return dict(self.origins).get(key, "default")
 
 
 # key -> converter; every key a user may set
@@ -173,6 +199,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "etcd_password": _str,
     "etcd_timeout": _float_range(0.1, 600),
     "log_level": _choice("debug", "info", "warning", "error", "critical"),
+    "log_format": _choice(*LOG_FORMATS),
     "metrics_port": _int_range(0, 65535),
     "metrics_host": _str,
     "state_dir": _str,
@@ -187,7 +214,7 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "endpoint_status": _bool,
     "tunnel_mtu": _int_range(0, 65535),
     "exabgp_bin": _str,
-    "bgp_router_id": _str,
+    "bgp_router_id": _ipv4,
     "bgp_listen_port": _int_range(1, 65535),
     "bgp_metric": _int_range(1, 4294967295),
     "reactor_speed": _float_range(0.03, 5.0),
@@ -207,11 +234,58 @@ assert set(FIELDS) <= {f.name for f in fields(Config)}
 def _convert(key: str, value: object, source: str) -> Any:
     conv = FIELDS.get(key)
     if conv is None:
-        raise ConfigError(f"{source}: unknown configuration key {key!r}")
+        import difflib
+
+        near = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else "docs/configuration.md lists the keys"
+        raise ConfigError(f"{source}: unknown configuration key {key!r}: {hint}")
     try:
         return conv(value)
     except ValueError as exc:
         raise ConfigError(f"{source}: invalid value for {key}: {exc}") from None
+
+
+def _check_files(values: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """The TLS files exist, can be read by this process, and are a CA, a certificate and its key."""
+    def where(key: str) -> str:
+        return origins.get(key, "default")
+
+    for a, b in (("etcd_cert", "etcd_key"), ("etcd_username", "etcd_password")):
+        if bool(values.get(a)) != bool(values.get(b)):
+            have, missing = (a, b) if values.get(a) else (b, a)
+            raise ConfigError(f"{where(have)}: {have} is set but {missing} is not: {a} and {b} must be given together "
+                              f"(set {missing} too, or remove {have})")
+    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
+        p = values.get(key)
+        if not p:
+            continue
+        if not Path(p).is_file():
+            raise ConfigError(f"{where(key)}: {key}: file {p} does not exist: create it (docs/install.md, etcd with "
+                              f"TLS) or correct the path")
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{where(key)}: {key}: file {p} cannot be read by uid {os.geteuid()} ({exc.strerror}): "
+                              f"let this user read it (bgpd runs as calyx: install -m 0640 -g calyx) or correct the "
+                              f"path") from None
+    if not (values.get("etcd_ca") or values.get("etcd_cert")):
+        return
+    import ssl
+
+    try:
+        if values.get("etcd_ca"):
+            ssl.create_default_context(cafile=values["etcd_ca"])
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where('etcd_ca')}: etcd_ca: {values['etcd_ca']} holds no CA certificate in PEM form "
+                          f"({exc.reason or exc}): name the CA's .crt file") from None
+    try:
+        if values.get("etcd_cert"):
+            ssl.create_default_context().load_cert_chain(values["etcd_cert"], values["etcd_key"])
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where('etcd_cert')}: etcd_cert {values['etcd_cert']} and etcd_key {values['etcd_key']} "
+                          f"are not a PEM certificate and its private key ({exc.reason or exc}): name the client "
+                          f"certificate and the key it was made with") from None
 
 
 def load(
@@ -230,15 +304,18 @@ def load(
         raise ValueError(f"unknown component {component}")
     env = os.environ if environ is None else environ
     values: dict[str, Any] = dict(COMPONENT_DEFAULTS.get(component, {}))
+    origins: dict[str, str] = {}
     sources: list[str] = []
 
     explicit = path is not None or "CALYX_CONFIG" in env
     cfg_path = Path(path or env.get("CALYX_CONFIG") or DEFAULT_PATH)
+    named_by = "--config" if path is not None else "environment variable CALYX_CONFIG"
     if cfg_path.exists() or explicit:
         try:
             raw = tomllib.loads(cfg_path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"configuration file {cfg_path} does not exist") from None
+            raise ConfigError(f"{named_by}: configuration file {cfg_path} does not exist: create it (etc/calyx.toml "
+                              f"is an example) or name the right file") from None
         except OSError as exc:
             raise ConfigError(f"cannot read configuration file {cfg_path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
@@ -248,12 +325,14 @@ def load(
             if key in COMPONENTS:
                 continue
             values[key] = _convert(key, value, str(cfg_path))
+            origins[key] = str(cfg_path)
         section = raw.get(component)
         if section is not None:
             if not isinstance(section, dict):
                 raise ConfigError(f"{cfg_path}: [{component}] must be a table")
             for key, value in section.items():
                 values[key] = _convert(key, value, f"{cfg_path} [{component}]")
+                origins[key] = f"{cfg_path} [{component}]"
         for comp in COMPONENTS:
             sec = raw.get(comp)
             if comp != component and isinstance(sec, dict):
@@ -264,6 +343,7 @@ def load(
         for var in (f"CALYX_{key.upper()}", f"CALYX_{component.upper()}_{key.upper()}"):
             if var in env:
                 values[key] = _convert(key, env[var], f"environment variable {var}")
+                origins[key] = f"environment variable {var}"
                 if "environment" not in sources:
                     sources.append("environment")
 
@@ -271,16 +351,33 @@ def load(
         if value is None or value == ():
             continue
         values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
+        origins[key] = f"--{key.replace('_', '-')}"
 
-    if bool(values.get("etcd_cert")) != bool(values.get("etcd_key")):
-        raise ConfigError("etcd_cert and etcd_key must be given together")
-    if bool(values.get("etcd_username")) != bool(values.get("etcd_password")):
-        raise ConfigError("etcd_username and etcd_password must be given together")
-    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
-        p = values.get(key)
-        if p and not Path(p).is_file():
-            raise ConfigError(f"{key}: file {p} does not exist")
-    return replace(Config(), **values, source=", ".join(sources) or "defaults")
+    if "node_name" not in values:
+        host = socket.gethostname()
+        try:
+            values["node_name"] = _node_name(host)
+        except ValueError:
+            raise ConfigError(f"node_name is not set and the host name {host!r} is not a valid node name (letters, "
+                              f"digits, '.', '_', '-'): set node_name in the configuration file or CALYX_NODE_NAME"
+                              ) from None
+    _check_files(values, origins)
+    return replace(Config(), **values, source=", ".join(sources) or "defaults", origins=tuple(origins.items()))
+
+
+def fail(program: str, exc: ConfigError) -> NoReturn:
+    """Print ``exc`` as one line on stderr and exit :data:`EXIT_CONFIG`.
+
+    Under systemd the line carries priority 3 (error) for journald, like a logged error.
+    """
+    import logging
+
+    from calyx import logfmt
+
+    prefix = f"<{logfmt.priority(logging.ERROR)}>" if logfmt.stderr_is_journal() else ""
+    text = " ".join(str(exc).split("\n"))
+    print(f"{prefix}{program}: configuration error: {text}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG)
 
 
 def datastore_kwargs(cfg: Config) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from calyx import logfmt
 from calyx.datastore.client import Datastore, DatastoreError, Lease
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,20 @@ EXIT_CRASH = 1
 CRASH_SLEEP = 2.0
 
 
-def setup_logging(level: str, name: str) -> None:
-    """One line per record, key=value context in the message; journald adds the timestamp."""
-    fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr,
-                        force=True)
+def setup_logging(level: str, name: str, *, log_format: str = "text", node: str = "") -> None:
+    """Log every record at ``level`` or above to stderr, one line each, in ``log_format`` (:mod:`calyx.logfmt`).
+
+    ``name`` is the component (``felix``, ``bgpd``, ``calyx-cni-server``) and ``node`` the node name
+    that JSON lines carry. When stderr is the journal (JOURNAL_STREAM), lines get their syslog
+    priority prefix and no timestamp or pid of their own.
+    """
+    try:
+        journal = logfmt.stderr_is_journal(fd=sys.stderr.fileno())
+    except (OSError, ValueError):  # stderr replaced by something without a descriptor (a test's capture)
+        journal = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logfmt.formatter(log_format, name, node, journal=journal))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     # grpc and pyroute2 are chatty at INFO
     for noisy in ("grpc", "pyroute2", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -50,8 +50,7 @@ def _load(config_path: str | None, **flags: Any) -> calyx_config.Config:
     try:
         return calyx_config.load("felix", path=config_path, flags=flags)
     except calyx_config.ConfigError as exc:
-        click.echo(f"felix: {exc}", err=True)
-        sys.exit(calyx_config.EXIT_CONFIG)
+        calyx_config.fail("felix", exc)
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,7 +73,7 @@ def cli() -> None:
 @_common
 def run(cfg: calyx_config.Config) -> None:
     """Run the node agent (crash-only: exits non-zero on unexpected errors)."""
-    setup_logging(cfg.log_level, "felix")
+    setup_logging(cfg.log_level, "felix", log_format=cfg.log_format, node=cfg.node_name)
     start_metrics(cfg.metrics_host, cfg.metrics_port)
     sys.exit(run_daemon(lambda stop: daemon.run(cfg, stop), name="felix"))
 

@@ -171,13 +171,13 @@ class Dataplane:
             if plan is None:
                 continue
             if not plan.iface.startswith(rules.WORKLOAD_PREFIX):
-                log.warning("endpoint interface does not start with %r; its traffic bypasses felix's hooks "
-                            "key=%s iface=%s", rules.WORKLOAD_PREFIX, key, plan.iface)
+                log.warning("endpoint interface does not start with %r; its traffic bypasses felix's hooks",
+                            rules.WORKLOAD_PREFIX, extra={"endpoint": key, "iface": plan.iface})
             self._ep_iface[key] = plan.iface
             users = self._iface_users.setdefault(plan.iface, set())
             if users - {key}:
-                log.warning("two local endpoints name the same interface iface=%s keys=%s",
-                            plan.iface, sorted(users | {key}))
+                log.warning("two local endpoints name the same interface",
+                            extra={"iface": plan.iface, "endpoints": sorted(users | {key})})
             users.add(key)
             for v, table in self.filter.items():
                 if not (plan.ipv4_nets if v == 4 else plan.ipv6_nets):

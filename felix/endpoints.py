@@ -83,8 +83,8 @@ class EndpointManager:
         for net in nets:
             other = self._owner.get(net)
             if other is not None and other != key:
-                log.warning("address claimed by two local endpoints net=%s endpoints=%s,%s (last wins)",
-                            net, other, key)
+                log.warning("address claimed by two local endpoints (last wins)",
+                            extra={"net": net, "endpoints": [other, key]})
             self._owner[net] = key
             self._route_dirty.add(net)
         self._sysctl_dirty.add(iface)
@@ -178,7 +178,7 @@ class EndpointManager:
                 try:
                     res = self._write_if_needed(pattern.format(iface), value)
                 except OSError as exc:
-                    log.warning("sysctl write failed iface=%s: %s", iface, exc)
+                    log.warning("sysctl write failed: %s", exc, extra={"iface": iface})
                     missing = True
                     break
                 if res is None:

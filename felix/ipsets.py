@@ -211,7 +211,7 @@ class IpsetTable:
                 destroyed += 1
             else:
                 failed += 1
-                log.warning("ipset destroy failed set=%s (will retry): %s", name, res.stderr.strip())
+                log.warning("ipset destroy failed (will retry): %s", res.stderr.strip(), extra={"ipset": name})
         stats = IpsetStats(destroyed=destroyed, failed=failed, duration=time.monotonic() - start)
         if destroyed:
             log.debug("ipsets destroyed count=%d duration=%.3f", destroyed, stats.duration)

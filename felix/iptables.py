@@ -456,8 +456,8 @@ class IptablesTable:
                 last_error = str(exc)
                 if self._on_restore is not None:
                     self._on_restore(False)
-                log.warning("iptables restore failed table=%s v%d backend=%s attempt=%d: %s",
-                            self.table, self.version, self.backend, failures, exc)
+                log.warning("iptables restore failed: %s", exc, extra={
+                    "table": self.table, "ip_version": self.version, "backend": self.backend, "attempt": failures})
                 self._need_readback = True
                 time.sleep(min(0.05 * (2**failures), 0.5))
                 continue

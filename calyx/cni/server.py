@@ -19,6 +19,12 @@ stdout, stderr and environment (:func:`calyx.cni.spec.call_io`). Only root and t
 user may call (``SO_PEERCRED`` uid). At most ``--max-calls`` run at once; more wait their turn.
 SIGTERM stops accepting and waits up to 30 s for the calls in flight.
 
+Configuration: the service's own (``config.load("cni")``: ``--config``, ``CALYX_CONFIG``, the
+``[cni]`` table, ``CALYX_*``) sets its ``log_level``, ``log_format`` and the node name its JSON
+lines carry, and a configuration that cannot work (a bad key, a missing TLS file) ends it with one
+line and exit code 2 before it listens. Each call still reads the cluster's settings from its own
+network configuration and the caller's environment (:mod:`calyx.cni.netconf`).
+
 Requirements: the service shares the runtimes' mount and PID namespaces (netns paths such as
 ``/run/netns/X`` and ``/proc/<pid>/ns/net`` are resolved here) and has what the plugin needs (root:
 ``setns`` needs CAP_SYS_ADMIN, reading another process's namespace CAP_SYS_PTRACE).
@@ -203,7 +209,7 @@ class Server:
         start = time.monotonic()
         pid, uid = _peer(conn)
         if uid not in (0, os.getuid()):
-            log.warning("refused a call from uid %d (pid %d)", uid, pid)
+            log.warning("refused a call from uid %d", uid, extra={"caller_pid": pid})
             return  # closing without an answer: the client reports "try again"; not ours to run
         try:
             data = _read_all(conn)
@@ -215,14 +221,15 @@ class Server:
             if pid <= 0:
                 raise BadRequestError("the caller's process is not visible from the service's PID namespace")
         except (BadRequestError, OSError) as exc:
-            log.warning("refused a call (pid %d): %s", pid, exc)
+            log.warning("refused a call: %s", exc, extra={"caller_pid": pid})
             conn.settimeout(READ_TIMEOUT)
             conn.sendall(shim.REFUSED)
             return
         try:
             caller_ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("refused a call: cannot open the network namespace of pid %d: %s", pid, exc.strerror)
+            log.warning("refused a call: cannot open the caller's network namespace: %s", exc.strerror,
+                        extra={"caller_pid": pid})
             conn.sendall(shim.REFUSED)
             return
         out, err = io.StringIO(), io.StringIO()
@@ -230,7 +237,8 @@ class Server:
             with netns.enter(f"/proc/self/fd/{caller_ns}"):
                 code = contextvars.Context().run(self._run, plugin, environ, stdin, out, err)
         except netns.NamespaceError as exc:
-            log.warning("refused a call: cannot enter the network namespace of pid %d: %s", pid, exc)
+            log.warning("refused a call: cannot enter the caller's network namespace: %s", exc,
+                        extra={"caller_pid": pid})
             conn.sendall(shim.REFUSED)
             return
         finally:
@@ -238,8 +246,9 @@ class Server:
         elapsed = time.monotonic() - start
         command = environ.get("CNI_COMMAND", "")
         self.calls += 1
-        log.info("%s %s container=%s ifname=%s exit=%d in %.1f ms", plugin, command or "-",
-                 environ.get("CNI_CONTAINERID", "-"), environ.get("CNI_IFNAME", "-"), code, elapsed * 1000)
+        log.info("%s %s", plugin, command or "-", extra={
+            "container": environ.get("CNI_CONTAINERID", "-"), "ifname": environ.get("CNI_IFNAME", "-"), "exit": code,
+            "duration_ms": round(elapsed * 1000, 1)})
         if self._metrics is not None:
             calls, duration = self._metrics
             calls.labels(plugin, command, "ok" if code == 0 else "error").inc()  # type: ignore[attr-defined]
@@ -248,7 +257,7 @@ class Server:
         try:
             conn.sendall(encode_answer(code, out.getvalue().encode(), err.getvalue().encode()))
         except OSError as exc:  # the runtime gave up on the call; its DEL cleans up an ADD
-            log.warning("caller pid %d left before the answer: %s", pid, exc)
+            log.warning("caller left before the answer: %s", exc, extra={"caller_pid": pid})
 
     def _run(self, plugin: str, environ: dict[str, str], stdin: bytes, out: io.StringIO, err: io.StringIO) -> int:
         spec.call_io(spec.CallIO(out, err, environ))
@@ -266,13 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-calls", type=int, default=32, help="calls run at once (default %(default)s)")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
     ap.add_argument("--metrics-host", default="127.0.0.1")
-    ap.add_argument("--log-level", default=os.environ.get("CALYX_LOG_LEVEL", "info"))
+    ap.add_argument("--config", default=None,
+                    help="configuration file (default: $CALYX_CONFIG, else /etc/calyx/calyx.toml if present)")
+    ap.add_argument("--log-level", default=None, help="debug, info, warning, error (default: log_level)")
     args = ap.parse_args(argv)
     if args.max_calls < 1:
         ap.error("--max-calls must be at least 1")
+    from calyx import config
     from calyx.daemon import setup_logging, start_metrics
 
-    setup_logging(args.log_level, "calyx-cni-server")
+    try:  # the [cni] table and CALYX_* of the service itself: its logging, and a check that it can work
+        cfg = config.load("cni", path=args.config, flags={"log_level": args.log_level})
+    except config.ConfigError as exc:
+        config.fail("calyx-cni-server", exc)
+    setup_logging(cfg.log_level, "calyx-cni-server", log_format=cfg.log_format, node=cfg.node_name)
     server = Server(args.socket, max_calls=args.max_calls)
     server.bind()
     if args.metrics_port:

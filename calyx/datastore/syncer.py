@@ -374,18 +374,15 @@ class Syncer:
         except ModelError as exc:
             ERRORS.labels(kind="malformed").inc()
             _log.warning(
-                "syncer %s: malformed value skipped key=%s field=%s mod_revision=%d error=%s",
+                "syncer %s: malformed value skipped",
                 self.name,
-                key,
-                exc.field or "-",
-                kv.mod_revision,
-                exc.message,
+                extra={"key": key, "field": exc.field or "-", "mod_revision": kv.mod_revision, "error": exc.message},
             )
             return self._hide(key, kv.mod_revision, str(exc))
         except Exception as exc:
             ERRORS.labels(kind="decoder_exception").inc()
             _log.exception(
-                "syncer %s: decoder failed (a bug) key=%s mod_revision=%d", self.name, key, kv.mod_revision
+                "syncer %s: decoder failed (a bug)", self.name, extra={"key": key, "mod_revision": kv.mod_revision}
             )
             return self._hide(key, kv.mod_revision, f"decoder failed: {exc!r}")
         if obj is None:

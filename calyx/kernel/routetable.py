@@ -497,15 +497,14 @@ class RouteTable:
             errors={_network(k): why for k, why in failed.items()},
         )
         if result.did_work:
-            log.info(
-                "routes applied proto=%d table=%d added=%d changed=%d removed=%d failed=%d pending=%d "
-                "writes=%d readback=%s duration=%.3f",
-                self.proto, self.table, result.added, result.changed, result.removed, result.failed,
-                result.pending, writes, readback, result.duration,
-            )  # fmt: skip
+            log.info("routes applied", extra={
+                "proto": self.proto, "table": self.table, "added": result.added, "changed": result.changed,
+                "removed": result.removed, "failed": result.failed, "pending": result.pending, "writes": writes,
+                "readback": readback, "duration": round(result.duration, 3),
+            })  # fmt: skip
         if failed:
             sample = ", ".join(f"{_network(k)}: {why}" for k, why in list(failed.items())[:5])
-            log.warning("route writes failed proto=%d count=%d e.g. %s", self.proto, len(failed), sample)
+            log.warning("route writes failed: %s", sample, extra={"proto": self.proto, "count": len(failed)})
         return result
 
     def _run(

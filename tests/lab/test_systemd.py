@@ -1,6 +1,7 @@
 """The systemd units: `systemd-analyze verify` finds nothing (no unknown key, no bad value), and
-each unit keeps the promises of docs/install.md: restart always with a pause, after the network is
-online, configuration and environment files, and only the capabilities it needs."""
+each unit keeps the promises of docs/install.md: restart always with a pause except on exit code 2
+(a configuration that cannot work: tests/daemon/test_config_exit.py), after the network is online,
+configuration and environment files, and only the capabilities it needs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from calyx.config import EXIT_CONFIG
 
 pytestmark = pytest.mark.unit
 
@@ -49,6 +52,9 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path, name: str) -> None:
     # and verify does report a mistake on this machine (an unknown key), so the check above means something
     bad = _verify(tmp_path, text.replace("Restart=always", "Restart=always\nRestartSteps=5"), name)
     assert "Unknown key" in bad.stderr
+    # and a bad exit status in RestartPreventExitStatus= would be reported too
+    bad = _verify(tmp_path, text.replace("RestartPreventExitStatus=2", "RestartPreventExitStatus=two"), name)
+    assert "Failed to parse value, ignoring: two" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize(("name", "daemon", "caps"), [
@@ -61,6 +67,7 @@ def test_unit_promises(name: str, daemon: str, caps: set[str]) -> None:
     assert "network-online.target" in unit["After"].split() and "network-online.target" in unit["Wants"].split()
     assert unit["StartLimitIntervalSec"] == "0"
     assert svc["Restart"] == "always" and svc["RestartSec"].rstrip("s").isdigit() and int(svc["RestartSec"][:-1]) >= 1
+    assert svc["RestartPreventExitStatus"].split() == [str(EXIT_CONFIG)]
     assert svc["ExecStart"] == f"/opt/calyx/bin/{daemon} run"
     assert svc["EnvironmentFile"] == "-/etc/calyx/calyx.env"
     assert "CALYX_CONFIG=/etc/calyx/calyx.toml" in svc["Environment"]
@@ -81,7 +88,7 @@ def test_cni_service_unit() -> None:
     u = _unit("calyx-cni.service")
     unit, svc = u["Unit"], u["Service"]
     assert "network-online.target" in unit["After"].split() and unit["StartLimitIntervalSec"] == "0"
-    assert svc["Restart"] == "always"
+    assert svc["Restart"] == "always" and svc["RestartPreventExitStatus"].split() == [str(EXIT_CONFIG)]
     assert svc["ExecStart"].split()[:3] == ["/opt/calyx/bin/calyx-cni-server", "--socket", shim.DEFAULT_SOCKET]
     assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SYS_PTRACE",
                                                           "CAP_DAC_OVERRIDE"}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +70,14 @@ def test_endpoints_list_or_comma_string(tmp_path: Path) -> None:
         ("etcd_cert = '/etc/hostname'\n", {}, "etcd_cert and etcd_key must be given together"),
         ("etcd_ca = '/nonexistent/ca.pem'\n", {}, "etcd_ca: file /nonexistent/ca.pem does not exist"),
         ("node_name = 'bad/name'\n", {}, "not a valid node name"),
+        ("log_format = 'xml'\n", {}, "invalid value for log_format: expected one of text, json, got 'xml'"),
+        ("[felix]\nlog_levle = 'debug'\n", {}, "unknown configuration key 'log_levle': did you mean 'log_level'?"),
+        ("zzz = 1\n", {}, "unknown configuration key 'zzz': docs/configuration.md lists the keys"),
+        ("[bgpd]\nbgp_router_id = 'tor1'\n", {}, "invalid value for bgp_router_id: expected an IPv4 address"),
+        ("", {"CALYX_ETCD_KEY": "/etc/hostname"},
+         "environment variable CALYX_ETCD_KEY: etcd_key is set but etcd_cert is not: etcd_cert and etcd_key must be "
+         "given together (set etcd_cert too, or remove etcd_key)"),
+        ("etcd_ca = '/etc/hostname'\n", {}, "calyx.toml: etcd_ca: /etc/hostname holds no CA certificate in PEM form"),
     ],
 )
 def test_invalid_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], words: str) -> None:
@@ -75,11 +87,71 @@ def test_invalid_configuration_names_the_key(tmp_path: Path, text: str, env: dic
     assert "\n" not in str(info.value)
 
 
+def test_missing_tls_file_names_its_source_and_the_fix(tmp_path: Path) -> None:
+    path = write(tmp_path, "[felix]\netcd_ca = '/nonexistent/ca.pem'\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load("felix", path=path, environ={})
+    assert str(info.value) == (f"{path} [felix]: etcd_ca: file /nonexistent/ca.pem does not exist: create it "
+                               f"(docs/install.md, etcd with TLS) or correct the path")
+    with pytest.raises(config.ConfigError, match=r"^--etcd-ca: etcd_ca: file /nonexistent/x does not exist"):
+        config.load("felix", path=write(tmp_path, ""), environ={}, flags={"etcd_ca": "/nonexistent/x"})
+
+
+def test_unreadable_tls_file(tmp_path: Path) -> None:
+    """A key the daemon cannot read is named with the fix, not left to a crash loop (bgpd runs as calyx; felix
+    as root without CAP_DAC_OVERRIDE, so a key owned by another user with mode 0600 is out of its reach too)."""
+    key = tmp_path / "client.key"
+    key.write_text("secret")
+    key.chmod(0o600)
+    if os.geteuid() != 0:
+        with pytest.raises(config.ConfigError) as info:
+            config.load("felix", path=write(tmp_path, ""), environ={"CALYX_ETCD_CERT": str(key),
+                                                                     "CALYX_ETCD_KEY": str(key)})
+        msg = str(info.value)
+    else:  # as felix's unit runs it: root, without the capabilities that read any file
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+        os.chown(key, 65534, 65534)
+        code = ("import sys; from calyx import config\n"
+                "env = {'CALYX_ETCD_CERT': sys.argv[1], 'CALYX_ETCD_KEY': sys.argv[1]}\n"
+                "try:\n    config.load('felix', path=sys.argv[2], environ=env)\n"
+                "except config.ConfigError as exc:\n    print(exc)\n")
+        r = subprocess.run([setpriv, "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c", code,
+                            str(key), write(tmp_path, "")], capture_output=True, text=True, timeout=60, check=True)
+        msg = r.stdout.strip()
+    assert msg.startswith(f"environment variable CALYX_ETCD_CERT: etcd_cert: file {key} cannot be read by uid "), msg
+    assert "(Permission denied): let this user read it" in msg
+
+
+def test_default_node_name_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "my host")
+    with pytest.raises(config.ConfigError) as info:
+        config.load("felix", path=write(tmp_path, ""), environ={})
+    assert "node_name is not set and the host name 'my host' is not a valid node name" in str(info.value)
+    assert "set node_name in the configuration file or CALYX_NODE_NAME" in str(info.value)
+    assert config.load("felix", path=write(tmp_path, ""), environ={"CALYX_NODE_NAME": "h1"}).node_name == "h1"
+    monkeypatch.setattr(config.socket, "gethostname", lambda: "host-7")
+    cfg = config.load("felix", path=write(tmp_path, ""), environ={})
+    assert cfg.node_name == "host-7" and cfg.origin("node_name") == "default"
+
+
+def test_origin_of_each_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "log_level = 'debug'\n[felix]\nmetrics_port = 1\n")
+    cfg = config.load("felix", path=path, environ={"CALYX_FELIX_LOG_FORMAT": "json"}, flags={"node_name": "n"})
+    assert cfg.origin("log_level") == path and cfg.origin("metrics_port") == f"{path} [felix]"
+    assert cfg.origin("log_format") == "environment variable CALYX_FELIX_LOG_FORMAT"
+    assert cfg.origin("node_name") == "--node-name" and cfg.origin("etcd_timeout") == "default"
+
+
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="does not exist"):
-        config.load("felix", path=str(tmp_path / "nope.toml"), environ={})
-    with pytest.raises(config.ConfigError, match="does not exist"):
-        config.load("felix", environ={"CALYX_CONFIG": str(tmp_path / "nope.toml")})
+    nope = tmp_path / "nope.toml"
+    with pytest.raises(config.ConfigError) as info:
+        config.load("felix", path=str(nope), environ={})
+    assert str(info.value).startswith(f"--config: configuration file {nope} does not exist: create it")
+    with pytest.raises(config.ConfigError) as info:
+        config.load("felix", environ={"CALYX_CONFIG": str(nope)})
+    assert str(info.value).startswith(f"environment variable CALYX_CONFIG: configuration file {nope} does not exist")
 
 
 def test_example_config_is_valid() -> None:
