@@ -189,6 +189,21 @@ class ApplyResult:
     def did_work(self) -> bool:
         return bool(self.added or self.changed or self.removed or self.failed or self.writes)
 
+    def then(self, later: ApplyResult) -> ApplyResult:
+        """This pass followed by ``later`` (a readback pass in the same apply): work adds up, what
+        is still failed or pending is ``later``'s."""
+        return ApplyResult(
+            added=self.added + later.added,
+            changed=self.changed + later.changed,
+            removed=self.removed + later.removed,
+            failed=later.failed,
+            pending=later.pending,
+            writes=self.writes + later.writes,
+            readback=True,
+            duration=self.duration + later.duration,
+            errors=later.errors,
+        )
+
 
 class Kernel(Protocol):
     """The seam to the kernel (an :class:`rtnl.RtnlSocket`, or an in-memory fake in unit tests)."""
@@ -404,7 +419,14 @@ class RouteTable:
         if paused:
             gc.disable()
         try:
-            return self._apply()
+            result = self._apply()
+            if self._need_readback and not result.readback:
+                # A write met a kernel that was not what we believed (EEXIST: someone — the CNI
+                # plugin, typically — put the route there first; or a lost acknowledgement). Read
+                # back now and finish in this apply: only what is still wrong after that is a failure.
+                result = result.then(self._apply())
+            self._log(result)
+            return result
         except BaseException:
             # Writes may have been made whose acknowledgements we never read: trust nothing.
             self._need_readback = True
@@ -496,16 +518,19 @@ class RouteTable:
             duration=time.monotonic() - start,
             errors={_network(k): why for k, why in failed.items()},
         )
+        return result
+
+    def _log(self, result: ApplyResult) -> None:
+        """One summary line for an apply that did work; a warning naming what failed."""
         if result.did_work:
             log.info("routes applied", extra={
                 "proto": self.proto, "table": self.table, "added": result.added, "changed": result.changed,
-                "removed": result.removed, "failed": result.failed, "pending": result.pending, "writes": writes,
-                "readback": readback, "duration": round(result.duration, 3),
+                "removed": result.removed, "failed": result.failed, "pending": result.pending,
+                "writes": result.writes, "readback": result.readback, "duration": round(result.duration, 3),
             })  # fmt: skip
-        if failed:
-            sample = ", ".join(f"{_network(k)}: {why}" for k, why in list(failed.items())[:5])
-            log.warning("route writes failed: %s", sample, extra={"proto": self.proto, "count": len(failed)})
-        return result
+        if result.errors:
+            sample = ", ".join(f"{net}: {why}" for net, why in list(result.errors.items())[:5])
+            log.warning("route writes failed: %s", sample, extra={"proto": self.proto, "count": result.failed})
 
     def _run(
         self,
