@@ -310,9 +310,11 @@ class Syncer:
         self._revision = rev
         for i in range(0, len(events), self._batch_size):
             self._deliver(events[i : i + self._batch_size])
-        self._deliver([InSync(rev)])
+        # the flag first: a consumer that has the InSync event must find the syncer in sync (an
+        # AsyncSyncer's consumer runs on another thread and, on a loaded machine, got there first)
         self._in_sync = True
         self._synced_once = True
+        self._deliver([InSync(rev)])
         _log.info(
             "syncer %s: %s at revision %d: %d keys read, %d events, %d malformed, %.2f s",
             self.name,
