@@ -2,7 +2,7 @@
 
 Fixtures live in ``tests/fixtures/`` (one module per kind of real component: etcd, network
 namespaces, routers, daemons...); every module there is loaded as a plugin. Tests marked
-``privileged``, ``lab`` or ``vm`` need root; they are skipped with a reason when not root, never
+``privileged``, ``lab``, ``systemd`` or ``vm`` need root; they are skipped with a reason when not root, never
 silently passed.
 """
 
@@ -23,5 +23,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces)")
     for item in items:
-        if "privileged" in item.keywords or "lab" in item.keywords or "vm" in item.keywords:
+        if "privileged" in item.keywords or "lab" in item.keywords or "vm" in item.keywords or "systemd" in item.keywords:
             item.add_marker(skip)

@@ -70,10 +70,15 @@ def lab() -> None:
 @click.option("--keep-on-failure", is_flag=True, help="Leave what was built when a step fails (for debugging).")
 @click.option("--timeout", type=float, default=runner.READY_TIMEOUT, show_default=True,
               help="Seconds to wait for the hosts' daemons to be ready.")
+@click.option("--hosts", "host_mode", type=click.Choice(runner.HOST_MODES), default="processes", show_default=True,
+              help="processes: the lab runs felix and bgpd in each host's namespace; systemd: each host boots "
+                   "systemd (systemd-nspawn) with the Debian package installed and its units running.")
+@click.option("--deb", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The package for --hosts systemd (default: the newest dist/calyx_*_amd64.deb).")
 @click.pass_obj
 @handle_errors
 def up_cmd(obj: Context, lab_name: str, instance: str | None, no_daemons: bool, daemon_list: str,
-           no_workloads: bool, keep_on_failure: bool, timeout: float) -> None:
+           no_workloads: bool, keep_on_failure: bool, timeout: float, host_mode: str, deb: Path | None) -> None:
     """Build LAB and start everything in it."""
     _need_root()
     try:
@@ -82,7 +87,7 @@ def up_cmd(obj: Context, lab_name: str, instance: str | None, no_daemons: bool, 
         raise UserError(str(exc)) from None
     try:
         daemons = [] if no_daemons else [d.strip() for d in daemon_list.split(",") if d.strip()]
-        the_lab.up(daemons=daemons, workloads=not no_workloads, ready_timeout=timeout)
+        the_lab.up(daemons=daemons, workloads=not no_workloads, ready_timeout=timeout, hosts=host_mode, deb=deb)
     except (LabError, TopologyError, KeyboardInterrupt) as exc:
         if the_lab.owned and not keep_on_failure:
             click.echo("lab up failed; tearing down what was built (--keep-on-failure keeps it)", err=True)

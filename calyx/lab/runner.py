@@ -42,7 +42,7 @@ from typing import Any
 from calyx import model
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
-from calyx.lab import fabric, procs
+from calyx.lab import fabric, procs, sdhosts
 from calyx.lab.fabric import FabricError
 from calyx.lab.procs import Proc
 from calyx.lab.topology import LabNode, Topology, TopologyError, Workload
@@ -53,6 +53,10 @@ ETCD_PORT = 2379
 FRR_DIR = Path("/usr/lib/frr")
 FRR_RUN = Path("/var/run/frr")
 DAEMONS = ("felix", "bgpd")
+HOST_MODES = ("processes", "systemd")
+#: the systemd unit of each host program in the Debian package
+UNITS = {"felix": "felix.service", "bgpd": "bgpd.service", "cni": "calyx-cni.service"}
+REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 90.0
 #: entry points and the modules that implement them (a missing module means "not installed yet")
 PROGRAMS = {
@@ -126,6 +130,10 @@ class LabState:
     procs: list[Proc] = field(default_factory=list)
     workloads: dict[str, WorkloadState] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: how the Calyx hosts run: "processes" (felix and bgpd started by the lab) or "systemd"
+    #: (a systemd-nspawn machine per host with the Debian package ``deb`` installed, units running)
+    hosts: str = "processes"
+    deb: str = ""
 
     def to_json(self) -> str:
         return json.dumps({
@@ -133,6 +141,7 @@ class LabState:
             "etcd_port": self.etcd_port, "started": self.started, "daemons": self.daemons,
             "procs": [p.to_dict() for p in self.procs],
             "workloads": {k: vars(v) for k, v in self.workloads.items()},
+            "hosts": self.hosts, "deb": self.deb,
         }, indent=2)
 
     @classmethod
@@ -143,6 +152,7 @@ class LabState:
             etcd_port=d.get("etcd_port"), started=d.get("started", 0.0), daemons=list(d.get("daemons", [])),
             procs=[Proc.from_dict(p) for p in d.get("procs", [])],
             workloads={k: WorkloadState(**v) for k, v in d.get("workloads", {}).items()},
+            hosts=d.get("hosts", "processes"), deb=d.get("deb", ""),
         )
 
 
@@ -270,6 +280,9 @@ class Lab:
         (d / "run").mkdir(parents=True, exist_ok=True)
         if node.role != "host":
             return
+        if self.systemd_hosts:
+            self._write_host_etc(node)
+            return
         for daemon in DAEMONS:
             (d / daemon / "state").mkdir(parents=True, exist_ok=True)
             (d / daemon / "run").mkdir(parents=True, exist_ok=True)
@@ -284,12 +297,19 @@ class Lab:
     # --- up ----------------------------------------------------------------------------------------
 
     def up(self, *, daemons: bool | Sequence[str] = True, workloads: bool = True,
-           ready_timeout: float = READY_TIMEOUT) -> None:
+           ready_timeout: float = READY_TIMEOUT, hosts: str = "processes", deb: Path | None = None) -> None:
         """Bring the whole lab up (see the module docstring for the order). Raises LabError.
 
         ``daemons``: True for felix and bgpd on every host, False for none, or a list of the ones to
         run (``["felix"]``: workloads and policy on each host without BGP).
+        ``hosts``: ``"processes"`` (the lab starts felix and bgpd in each host's namespace) or
+        ``"systemd"`` (each host boots systemd in a systemd-nspawn machine with the Debian package
+        ``deb`` installed — default: the newest ``dist/calyx_*_amd64.deb`` of this checkout — and
+        the package's units run the daemons; :mod:`calyx.lab.sdhosts`).
         """
+        if hosts not in HOST_MODES:
+            raise LabError(f"unknown host mode {hosts!r} (known: {', '.join(HOST_MODES)})")
+        self.state.hosts = hosts
         wanted = list(DAEMONS) if daemons is True else [] if daemons is False else list(daemons)
         unknown = sorted(set(wanted) - set(DAEMONS))
         if unknown:
@@ -302,12 +322,15 @@ class Lab:
         if stale:
             raise LabError(f"namespaces of lab {self.state.instance} exist already ({', '.join(stale[:3])}...); "
                            f"`calyxctl lab down {self.state.instance}` first")
-        if wanted:
+        if wanted and hosts == "processes":
             missing = missing_programs(wanted)
             if missing:
                 raise LabError(f"cannot start the host daemons: not installed yet: {', '.join(missing)} "
                                "(use --no-daemons to bring up the topology, etcd and the routers only)")
         workloads = workloads and "felix" in wanted  # a workload without felix gets no route
+        tree: Path | None = None
+        if hosts == "systemd" and self.topo.hosts:
+            tree = self._host_tree(deb)
         if workloads and self.topo.workloads:
             missing = missing_programs(["calyx", "calyx-ipam"])
             if missing:
@@ -329,6 +352,8 @@ class Lab:
                     fabric.run_exec(self.ns(node.name), argv)
                 except FabricError as exc:
                     raise LabError(f"exec failed: {exc}", node=node.name) from None
+        if tree is not None:
+            self._boot_hosts(tree)
         if wanted and "ipip" in self.topo.requires and not ipip_available(self.ns(self.topo.hosts[0].name)):
             raise LabError("this lab needs IP-in-IP and this kernel has no ipip module (no tunl0); "
                            "use --no-daemons for the topology alone, or run it where ipip exists")
@@ -346,7 +371,9 @@ class Lab:
                     self.start_daemon(node.name, d)
             self.progress(f"{' and '.join(wanted)} started on {len(self.topo.hosts)} hosts; waiting until ready")
             self.wait_ready(timeout=ready_timeout)
-        if workloads and self.topo.workloads and program("calyx-cni-server") is not None:
+        if self.systemd_hosts:
+            self._systemd_units(wanted, workloads)
+        elif workloads and self.topo.workloads and program("calyx-cni-server") is not None:
             for name in sorted({wl.host for wl in self.topo.workloads}):
                 self.start_cni_service(name)
             self.progress("CNI service (calyx-cni-server) started on the hosts with workloads")
@@ -494,7 +521,10 @@ class Lab:
 
     # --- host daemons ------------------------------------------------------------------------------
 
-    def start_daemon(self, node: str, daemon: str) -> Proc:
+    def start_daemon(self, node: str, daemon: str) -> Proc | None:
+        if self.systemd_hosts:
+            self._systemctl(node, "start", UNITS[daemon])
+            return None
         exe = program(daemon)
         if exe is None:
             raise LabError(f"{daemon} is not installed (module {PROGRAMS[daemon]} missing)", node=node)
@@ -523,13 +553,21 @@ class Lab:
         return proc
 
     def stop_daemon(self, node: str, daemon: str, *, kill: bool = False) -> None:
-        """Stop a host daemon and its children, as systemd would (``kill``: SIGKILL, as a crash)."""
+        """Stop a host daemon and its children, as systemd would (``kill``: SIGKILL, as a crash).
+
+        On systemd hosts ``kill`` is ``systemctl kill -s KILL``: the unit's Restart= brings it back."""
+        if self.systemd_hosts:
+            if kill:
+                self._systemctl(node, "kill", "--signal=KILL", UNITS[daemon])
+            else:
+                self._systemctl(node, "stop", UNITS[daemon])
+            return
         p = self.proc(f"{node}/{daemon}")
         if p is None:
             return
         procs.stop_unit(p, kill=kill)
 
-    def restart_daemon(self, node: str, daemon: str, *, kill: bool = False) -> Proc:
+    def restart_daemon(self, node: str, daemon: str, *, kill: bool = False) -> Proc | None:
         self.stop_daemon(node, daemon, kill=kill)
         return self.start_daemon(node, daemon)
 
@@ -549,7 +587,17 @@ class Lab:
         return felix, peers
 
     def _not_ready(self, node: str) -> str | None:
-        for d in self.state.daemons:
+        if self.systemd_hosts:
+            states = sdhosts.unit_states(self._machine(node), [UNITS[d] for d in self.state.daemons])
+            failed = [u for u, st in states.items() if st == "failed"]
+            if failed:
+                log = sdhosts.run(self._machine(node), ["journalctl", "--no-pager", "-n", "25", *(
+                    a for u in failed for a in ("-u", u))]).stdout
+                raise LabError(f"{', '.join(failed)} failed:\n{log}", node=node)
+            inactive = [f"{u} {st}" for u, st in states.items() if st != "active"]
+            if inactive:
+                return ", ".join(inactive)
+        for d in self.state.daemons if not self.systemd_hosts else ():
             p = self.proc(f"{node}/{d}")
             if p is None or not p.alive:
                 raise LabError(f"{d} exited", node=node, log=self.log_path(node, d).as_posix())
@@ -596,6 +644,12 @@ class Lab:
     # --- workloads ---------------------------------------------------------------------------------
 
     def _cni(self, command: str, wl: WorkloadState, netconf: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        if self.systemd_hosts:
+            # as a runtime on the host calls it: the package's plugin, through the host's CNI service
+            env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"{self.state.instance}-{wl.name}",
+                   "CNI_NETNS": f"/run/netns/{wl.netns}", "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+                   "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAME={wl.name};K8S_POD_NAMESPACE={self.state.instance}"}
+            return sdhosts.run(self._machine(wl.host), ["/opt/cni/bin/calyx"], input=json.dumps(netconf), env=env)
         plugin = program("calyx")
         if plugin is None:
             raise LabError(f"the calyx CNI plugin is not installed (module {PROGRAMS['calyx']} missing)", node=wl.host)
@@ -661,10 +715,104 @@ class Lab:
         del self.state.workloads[name]
         self.save()
 
+    # --- systemd hosts (calyx.lab.sdhosts) ----------------------------------------------------------
+
+    @property
+    def systemd_hosts(self) -> bool:
+        return self.state.hosts == "systemd"
+
+    def _host_tree(self, deb: Path | None) -> Path:
+        """The root filesystem the hosts boot: the base with the package installed (built once)."""
+        missing = sdhosts.missing_tools()
+        if missing:
+            raise LabError(f"systemd hosts need: {', '.join(missing)} (scripts/setup.sh installs them)")
+        if deb is None:
+            found = sorted((REPO / "dist").glob("calyx_*_amd64.deb"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise LabError(f"systemd hosts need Calyx's Debian package: none in {REPO / 'dist'} "
+                               "(scripts/build-deb.sh builds it, or pass --deb)")
+            deb = found[-1]
+        self.state.deb = str(deb)
+        try:
+            return sdhosts.deb_rootfs(deb, self.progress)
+        except sdhosts.HostError as exc:
+            raise LabError(f"the hosts' root filesystem: {exc}") from None
+
+    def _write_host_etc(self, node: LabNode) -> None:
+        """What the package's units read on this host: /etc/calyx/calyx.toml and calyx.env."""
+        etc = self.node_dir(node.name) / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "calyx.toml").write_text(
+            "# Written by calyxctl lab: this host's /etc/calyx/calyx.toml (bound read-only into its machine).\n"
+            f'node_name = "{node.env.get("CALYX_NODE_NAME", node.name)}"\n'
+            f'etcd_endpoints = ["{node.env.get("CALYX_ETCD_ENDPOINTS", self.etcd_endpoint_inside)}"]\n'
+            'log_level = "info"\n'
+        )
+        (etc / "calyx.env").write_text("# Written by calyxctl lab: no etcd TLS in the lab.\n")
+
+    def _machine(self, node: str) -> Proc:
+        p = self.proc(f"{node}/machine")
+        if p is None:
+            raise LabError("this host's machine is not running", node=node)
+        return p
+
+    def _boot_hosts(self, tree: Path) -> None:
+        """Boot every host's machine (in parallel), then wait for each to finish starting up."""
+        t0 = time.monotonic()
+        for node in self.topo.hosts:
+            self._add_proc(sdhosts.boot(name=node.name, netns=self.ns(node.name), tree=tree,
+                                        etc_dir=self.node_dir(node.name) / "etc", node=node.name,
+                                        log=self.log_path(node.name, "machine")))
+        for node in self.topo.hosts:
+            try:
+                sdhosts.wait_booted(self._machine(node.name))
+            except sdhosts.HostError as exc:
+                raise LabError(str(exc), node=node.name) from None
+        self.progress(f"{len(self.topo.hosts)} systemd hosts booted in {time.monotonic() - t0:.1f} s "
+                      f"({Path(self.state.deb).name})")
+
+    def _systemctl(self, node: str, *args: str) -> str:
+        r = sdhosts.run(self._machine(node), ["systemctl", *args], timeout=60)
+        if r.returncode != 0:
+            raise LabError(f"systemctl {' '.join(args)}: {(r.stderr or r.stdout).strip()}", node=node)
+        return r.stdout
+
+    def _systemd_units(self, wanted: Sequence[str], workloads: bool) -> None:
+        """The package enables every unit: stop the daemons this lab does not want, check the rest."""
+        units = [UNITS[d] for d in DAEMONS if d in wanted]
+        if workloads and self.topo.workloads:
+            units.append(UNITS["cni"])
+        unwanted = [u for u in UNITS.values() if u not in units]
+        for node in self.topo.hosts:
+            if unwanted:
+                self._systemctl(node.name, "stop", *unwanted)
+            states = sdhosts.unit_states(self._machine(node.name), units)
+            bad = {u: st for u, st in states.items() if st != "active"}
+            if bad:
+                raise LabError(f"units not active: {bad}", node=node.name)
+        self.progress(f"units active on {len(self.topo.hosts)} hosts: {', '.join(units)}")
+
+    def unit_states(self, node: str) -> dict[str, str]:
+        """``systemctl is-active`` of the package's units on a systemd host."""
+        return sdhosts.unit_states(self._machine(node), list(UNITS.values()))
+
+    def _machine_summary(self, node: str) -> str:
+        p = self.proc(f"{node}/machine")
+        if p is None or not p.alive:
+            return "machine DOWN"
+        try:
+            states = self.unit_states(node)
+        except (sdhosts.HostError, subprocess.SubprocessError):
+            return "machine up (units unknown)"
+        return "machine up; " + ", ".join(f"{u.removesuffix('.service')} {st}" for u, st in states.items())
+
     # --- using the lab -----------------------------------------------------------------------------
 
     def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:
-        """The command line that runs ``argv`` inside ``node`` (a node or a workload)."""
+        """The command line that runs ``argv`` inside ``node`` (a node or a workload; on a systemd
+        host, inside its machine: its own /etc, systemd and journal)."""
+        if self.systemd_hosts and node in self.topo.nodes and self.topo.nodes[node].role == "host":
+            return sdhosts.exec_argv(self._machine(node), argv)
         env: list[str] = []
         if node in self.topo.nodes:
             role = self.topo.nodes[node].role
@@ -764,6 +912,13 @@ class Lab:
         for node in self.topo.nodes.values():
             ns = self.ns(node.name)
             mine = [p for p in self.state.procs if p.node == node.name]
+            if self.systemd_hosts and node.role == "host":
+                rows.append({
+                    "node": node.name, "role": node.role, "mgmt": str(node.mgmt_ipv4),
+                    "netns": ns if fabric.netns_exists(ns) else f"{ns} (missing)",
+                    "processes": self._machine_summary(node.name),
+                })
+                continue
             rows.append({
                 "node": node.name, "role": node.role, "mgmt": str(node.mgmt_ipv4),
                 "netns": ns if fabric.netns_exists(ns) else f"{ns} (missing)",
@@ -775,6 +930,10 @@ class Lab:
         """Remove everything of this instance; returns what was removed (for the progress output)."""
         self.close()
         removed: list[str] = []
+        for p in self.state.procs:
+            if p.name.endswith("/machine") and p.node:
+                sdhosts.stop(p, self.state.prefix + p.node)
+                removed.append(f"machine {p.node}")
         alive = [p for p in self.state.procs if p.alive]
         procs.stop(alive)
         removed += [f"process {p.name} ({p.pid})" for p in alive]

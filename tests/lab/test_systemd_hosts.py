@@ -1,0 +1,179 @@
+"""two-racks with hosts that boot systemd (``--hosts systemd``): the Debian package built from this
+checkout, installed in a Debian 12 root, booted with systemd-nspawn in each host's namespace; felix,
+bgpd and the CNI service run as the package's units. What systemd itself does is read from systemd
+(``systemctl show``, ``journalctl``), never from the unit files:
+
+- every unit active on every host, a full ping matrix across the racks, the tenant-isolation policy
+  isolating (iptables and ipsets programmed under the units' hardening);
+- ``kill -9`` of felix, bgpd or the CNI service: systemd restarts it (NRestarts + 1, a new main pid)
+  and nothing is lost for good (the matrix is full again; a cross-rack ping through it is reported);
+- a configuration that cannot work ends the unit: exit status 2, ``failed``, no restart, the one
+  line in ``systemctl status``; fixed and started again, it runs;
+- journald gets the daemons' priorities: a warning felix is made to log is in ``journalctl -p
+  warning``; a CNI ADD on a quiet host logs no warning;
+- ``lab down`` leaves no namespace, machine or cgroup behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from calyx.datastore import keys
+from calyx.lab import fabric, sdhosts
+from calyx.lab.runner import Lab, ping_counts
+from calyx.lab.topology import Workload, resolve
+from tests.lab.conftest import instance_name, wait_until
+
+pytestmark = pytest.mark.systemd
+
+
+@pytest.fixture(scope="module")
+def racks(tmp_path_factory: pytest.TempPathFactory, calyx_deb: Path) -> Iterator[Lab]:
+    missing = sdhosts.missing_tools()
+    if missing:
+        pytest.fail(f"systemd hosts need: {', '.join(missing)} (scripts/setup.sh installs them)")
+    lab = Lab.create(resolve("two-racks"), instance=instance_name("s"), root=tmp_path_factory.mktemp("labs"))
+    try:
+        lab.up(hosts="systemd", deb=calyx_deb)
+        yield lab
+    finally:
+        if lab.owned:
+            lab.down()
+        assert fabric.list_netns(lab.state.prefix) == []
+        for h in lab.topo.hosts:
+            assert not any(d.exists() for d in sdhosts.cgroup_dirs(lab.ns(h.name))), f"cgroups of {h.name} left"
+            assert lab.proc(f"{h.name}/machine") is None or not lab.proc(f"{h.name}/machine").alive  # type: ignore[union-attr]
+
+
+def _all_reach(lab: Lab) -> bool:
+    return all(lab.ping_matrix().values())
+
+
+def _show(lab: Lab, host: str, unit: str) -> dict[str, str]:
+    out = lab.run(host, ["systemctl", "show", unit, "-p", "ActiveState,SubState,Result,NRestarts,MainPID,"
+                         "ExecMainStatus"], check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _ip(lab: Lab, wl: str) -> str:
+    ip = lab.state.workloads[wl].ip
+    assert ip is not None
+    return ip
+
+
+def test_units_active_and_a_full_matrix(racks: Lab) -> None:
+    for h in racks.topo.hosts:
+        assert racks.unit_states(h.name) == {"felix.service": "active", "bgpd.service": "active",
+                                             "calyx-cni.service": "active"}
+        # the package's files, as an operator has them
+        assert racks.run(h.name, ["test", "-x", "/opt/calyx/bin/felix"]).returncode == 0
+        assert racks.run(h.name, ["test", "-x", "/opt/cni/bin/calyx"]).returncode == 0
+        assert racks.run(h.name, ["id", "calyx"]).returncode == 0
+    wait_until(lambda: _all_reach(racks), 30, "a full ping matrix across the racks")
+    assert len(racks.state.workloads) == 8
+    # bgpd's routes and felix's, by protocol, in a host's kernel
+    routes = json.loads(racks.run("h1a", ["ip", "-j", "route", "show"], check=True).stdout)
+    assert any(r.get("protocol") in ("79", "bgpd") for r in routes), routes
+    assert any(r.get("protocol") in ("78", "felix") for r in routes), routes
+
+
+def test_tenant_isolation(racks: Lab) -> None:
+    wait_until(lambda: _all_reach(racks), 30, "a full ping matrix")
+    policy = racks.topo.policies["tenant-isolation"]
+    cross = [(a, b) for a in racks.state.workloads for b in racks.state.workloads
+             if a != b and a[0] != b[0]]  # "a-…" ↔ "b-…"
+    same = [(a, b) for a in racks.state.workloads for b in racks.state.workloads if a != b and a[0] == b[0]]
+    racks.apply_file(policy)
+    try:
+        wait_until(lambda: not any(racks.ping_pairs(cross, timeout=0.5).values()), 30,
+                   "tenant a cut off from tenant b on every host")
+        assert all(racks.ping_pairs(same).values()), "a tenant's own workloads must still reach each other"
+    finally:
+        racks.delete_objects(policy)
+    wait_until(lambda: _all_reach(racks), 30, "tenants reaching each other again")
+
+
+@pytest.mark.parametrize("unit", ["felix.service", "bgpd.service", "calyx-cni.service"])
+def test_kill_9_is_restarted_by_systemd(racks: Lab, unit: str) -> None:
+    wait_until(lambda: _all_reach(racks), 30, "a full ping matrix")
+    before = _show(racks, "h2a", unit)
+    assert before["ActiveState"] == "active" and int(before["MainPID"]) > 0, before
+    ping = racks.start_ping("a-h1a", _ip(racks, "a-h2a"), seconds=10, interval=0.05)
+    time.sleep(1.0)
+    racks.run("h2a", ["kill", "-9", before["MainPID"]], check=True)
+
+    def restarted() -> dict[str, str] | None:
+        now = _show(racks, "h2a", unit)
+        ok = (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+              and int(now["NRestarts"]) == int(before["NRestarts"]) + 1)
+        return now if ok else None
+
+    wait_until(restarted, 30, f"systemd restarting {unit} after kill -9")
+    racks.wait_ready(["h2a"], timeout=60)
+    sent, received = ping_counts(ping)
+    print(f"kill -9 of {unit} on h2a: {received}/{sent} cross-rack pings answered")
+    wait_until(lambda: _all_reach(racks), 30, f"a full ping matrix after {unit} came back")
+    # a CNI call after the service's restart goes through it again
+    if unit == "calyx-cni.service":
+        ws = racks.add_workload(Workload("c-h2a", "h2a", labels={"tenant": "a"}, profiles=("lab",)))
+        try:
+            wait_until(lambda: racks.ping("a-h1a", ws.ip or "", timeout=1), 30, "the new workload reachable")
+        finally:
+            racks.delete_workload("c-h2a")
+
+
+def test_a_configuration_error_ends_the_unit(racks: Lab) -> None:
+    conf = racks.node_dir("h1b") / "etc" / "calyx.toml"
+    good = conf.read_text()
+    conf.write_text(good + "[felix]\nroute_refresh_intervall = 5\n")  # a typo: an unknown key
+    try:
+        racks.run("h1b", ["systemctl", "restart", "felix.service"])
+
+        wait_until(lambda: _show(racks, "h1b", "felix.service")["ActiveState"] == "failed", 30,
+                   "felix ending failed on a configuration error")
+        st = _show(racks, "h1b", "felix.service")
+        assert st["ExecMainStatus"] == "2" and st["Result"] == "exit-code", st
+        time.sleep(4)  # longer than RestartSec: systemd must not have tried again
+        assert _show(racks, "h1b", "felix.service")["NRestarts"] == st["NRestarts"]
+        status = racks.run("h1b", ["systemctl", "status", "--no-pager", "-n", "5", "felix.service"]).stdout
+        assert "unknown configuration key 'route_refresh_intervall'" in status, status
+        assert "did you mean 'route_refresh_interval'?" in status, status
+    finally:
+        conf.write_text(good)
+    racks.run("h1b", ["systemctl", "reset-failed", "felix.service"])
+    racks.run("h1b", ["systemctl", "start", "felix.service"], check=True)
+    racks.wait_ready(["h1b"], timeout=60)
+
+
+def test_journald_gets_the_priorities(racks: Lab) -> None:
+    # quiet host: a CNI ADD (and the route felix then adopts) makes no warning
+    since = racks.run("h1a", ["date", "+%Y-%m-%d %H:%M:%S"], check=True).stdout.strip()
+    time.sleep(1.1)
+    ws = racks.add_workload(Workload("q-h1a", "h1a", labels={"tenant": "a"}, profiles=("lab",)))
+    try:
+        wait_until(lambda: racks.ping("a-h2b", ws.ip or "", timeout=1), 30, "the new workload reachable")
+        time.sleep(1)
+        quiet = racks.run("h1a", ["journalctl", "--no-pager", "-q", "-p", "warning", "--since", since,
+                                  "-u", "felix.service", "-u", "calyx-cni.service", "-u", "bgpd.service"]).stdout
+        assert quiet.strip() == "", quiet
+    finally:
+        racks.delete_workload("q-h1a")
+    # a malformed endpoint of this host: felix warns, and journald files it as a warning
+    key = keys.workload_key("h1a", "lab", f"broken-{instance_name()}", "eth0")
+    racks.datastore().put(key, "{not json")
+    try:
+        def warned() -> str:
+            return racks.run("h1a", ["journalctl", "--no-pager", "-q", "-p", "warning", "-u", "felix.service",
+                                     "--since", since]).stdout
+
+        wait_until(lambda: key in warned(), 30, "felix's warning on the malformed endpoint in journalctl -p warning")
+        # and it is not filed as anything more severe than a warning, nor with a second timestamp
+        line = next(x for x in warned().splitlines() if key in x)
+        assert "WARNING" in line and "<4>" not in line, line
+    finally:
+        racks.datastore().delete(key)
