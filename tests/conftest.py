@@ -23,5 +23,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces)")
     for item in items:
-        if "privileged" in item.keywords or "lab" in item.keywords or "vm" in item.keywords or "systemd" in item.keywords:
+        if {"privileged", "lab", "vm", "systemd"} & set(item.keywords):
             item.add_marker(skip)

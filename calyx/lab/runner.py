@@ -930,10 +930,9 @@ class Lab:
         """Remove everything of this instance; returns what was removed (for the progress output)."""
         self.close()
         removed: list[str] = []
-        for p in self.state.procs:
-            if p.name.endswith("/machine") and p.node:
-                sdhosts.stop(p, self.state.prefix + p.node)
-                removed.append(f"machine {p.node}")
+        machines = [(p, self.state.prefix + p.node) for p in self.state.procs if p.name.endswith("/machine") and p.node]
+        sdhosts.stop_all(machines)
+        removed += [f"machine {p.node}" for p, _ in machines]
         alive = [p for p in self.state.procs if p.alive]
         procs.stop(alive)
         removed += [f"process {p.name} ({p.pid})" for p in alive]

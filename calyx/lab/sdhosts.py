@@ -262,6 +262,18 @@ def stop(machine: Proc, netns: str, timeout: float = STOP_TIMEOUT) -> None:
     remove_cgroups(netns)
 
 
+def stop_all(machines: Sequence[tuple[Proc, str]], timeout: float = STOP_TIMEOUT) -> None:
+    """:func:`stop` for several machines at once: (machine, its netns) pairs, shut down in parallel."""
+    alive = [m for m, _ in machines if m.alive]
+    for m in alive:
+        procs.signal_proc(m, signal.SIGTERM)
+    for left in procs.wait_dead(alive, timeout):
+        procs.signal_proc(left, signal.SIGKILL)
+    procs.wait_dead(alive, 5.0)
+    for _, netns in machines:
+        remove_cgroups(netns)
+
+
 def remove_cgroups(netns: str) -> None:
     """Remove ``calyx-lab/<netns>`` (depth first) in every hierarchy; kill what is still in it."""
     for top in cgroup_dirs(netns):
@@ -280,3 +292,6 @@ def remove_cgroups(netns: str) -> None:
                         for pid in (d / "cgroup.procs").read_text().split():
                             os.kill(int(pid), 9)
                     time.sleep(0.05)
+    for h in _hierarchies():  # the parent, once no lab's machine is left in it
+        with contextlib.suppress(OSError):
+            (h / CGROUP_PARENT).rmdir()
