@@ -181,6 +181,20 @@ class Reader:
             out[k] = v
         return out
 
+    def str_map(self, name: str) -> dict[str, str]:
+        """An object of string → string (absent → empty)."""
+        value = self.raw(name)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(name, f"expected an object of string: string, got {_type_name(value)}")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(v, str):
+                self.fail(f"{name}.{k}", f"expected a string, got {_type_name(v)}")
+            out[str(k)] = v
+        return out
+
     def str_list(self, name: str, *, pattern: re.Pattern[str] | None = None, what: str = "") -> tuple[str, ...]:
         out = []
         for path, item in self.items(name):
