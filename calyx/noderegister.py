@@ -21,7 +21,8 @@ reads again and merges again, :data:`CAS_ATTEMPTS` times.
 
 Layers, each testable alone: :func:`merge` (pure: stored JSON and what the host wants → new JSON),
 :func:`register` (the compare-and-swap loop against a :class:`~calyx.datastore.client.Datastore`),
-and :class:`NodeRegistration`, which a daemon runs as a task on its event loop (:func:`start`):
+and :class:`NodeRegistration`, which a daemon runs as a task on its event loop (:func:`start`, which
+waits up to :data:`FIRST_PASS_WAIT` seconds for the first attempt, before the daemon's syncer starts):
 detection and etcd calls run in a thread, so the loop never blocks; an unreachable etcd is retried
 with backoff (1 s to 60 s) and logged; a detection that finds nothing is a warning naming the method
 and what it found, and leaves ``ipv4`` as it is. Every :data:`RECHECK_INTERVAL` seconds the host
@@ -31,6 +32,7 @@ checks again (a moved address, a repaired default route), which costs a netlink 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -53,6 +55,7 @@ CAS_ATTEMPTS = 5
 RECHECK_INTERVAL = 300.0
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
+FIRST_PASS_WAIT = 2.0
 
 
 class RegistrationError(Exception):
@@ -219,6 +222,8 @@ class NodeRegistration:
         self._detect_error: str | None = None
         self._etcd_error: str | None = None
         self._said: set[str] = set()
+        #: set once the first attempt is over, whatever its outcome
+        self.first_pass = asyncio.Event()
         #: the last successful detection
         self.detected: Detected | None = None
 
@@ -284,11 +289,21 @@ class NodeRegistration:
                 log.warning("node registration: %s", exc)
             except Exception:  # registration is not on the dataplane's path: a bug here must not stop it
                 log.exception("node registration failed unexpectedly; trying again in %.0f s", wait)
+            self.first_pass.set()
             if wait <= 0:
                 return
             await asyncio.sleep(wait)
 
 
-def start(cfg: Config, ds: Datastore) -> asyncio.Task[None]:
-    """Run :class:`NodeRegistration` for ``cfg`` on the running loop; cancel the task to stop it."""
-    return asyncio.create_task(NodeRegistration.from_config(cfg, ds).run(), name="node-registration")
+async def start(cfg: Config, ds: Datastore, *, wait: float = FIRST_PASS_WAIT) -> asyncio.Task[None]:
+    """Run :class:`NodeRegistration` for ``cfg`` on the running loop; cancel the task to stop it.
+
+    Returns once the first attempt is over or after ``wait`` seconds (etcd down: it goes on in the
+    background), so that a daemon that starts its syncer next usually finds its own Node in the
+    snapshot instead of warning that it has none.
+    """
+    reg = NodeRegistration.from_config(cfg, ds)
+    task = asyncio.create_task(reg.run(), name="node-registration")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(reg.first_pass.wait(), wait)
+    return task

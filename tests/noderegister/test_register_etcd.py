@@ -10,7 +10,9 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,12 @@ from typing import Any
 import pytest
 
 from calyx import model
+from calyx.config import Config
 from calyx.datastore import keys
 from calyx.datastore.client import KV, Datastore
 from calyx.kernel.autodetect import Method
-from calyx.noderegister import CAS_ATTEMPTS, NodeRegistration, RegistrationError, Wanted, register
-from tests.fixtures.etcd import EtcdMember
+from calyx.noderegister import CAS_ATTEMPTS, NodeRegistration, RegistrationError, Wanted, register, start
+from tests.fixtures.etcd import EtcdCluster, EtcdMember
 
 pytestmark = pytest.mark.etcd
 
@@ -296,3 +299,31 @@ def test_an_unreachable_datastore_is_retried_in_the_background(etcd_fresh: EtcdM
     assert warnings and all(r.levelno == logging.WARNING for r in warnings)
     assert any("answers again" in r.getMessage() for r in caplog.records)
     assert stored(etcd_fresh.client(), "late") == {"labels": {"rack": "r1"}, "self_registered": {"labels.rack": "r1"}}
+
+
+def test_start_returns_after_the_first_pass_or_the_wait(etcd_cluster: EtcdCluster) -> None:
+    """A daemon awaits start() before its syncer: its own Node is then in the snapshot (no warning that
+    it has none). An etcd that hangs (a member that lost its quorum answers nothing until the call's
+    timeout) holds it only ``wait`` seconds; registration goes on in the background."""
+    cfg = replace(Config(), node_name="first", node_ipv4_autodetection="skip", node_labels=(("rack", "r1"),))
+    ds = etcd_cluster.client()
+
+    async def reachable() -> None:
+        task = await start(cfg, ds, wait=30)
+        assert stored(ds, "first") == {"labels": {"rack": "r1"}, "self_registered": {"labels.rack": "r1"}}
+        assert not task.done()  # re-checks later
+        task.cancel()
+
+    async def hung() -> float:
+        t0 = time.monotonic()
+        task = await start(replace(cfg, node_name="second"), lonely, wait=0.5)
+        took = time.monotonic() - t0
+        assert not task.done()
+        task.cancel()
+        return took
+
+    asyncio.run(reachable())
+    for member in etcd_cluster.members[1:]:
+        member.stop()
+    lonely = etcd_cluster.members[0].client(timeout=3.0)
+    assert 0.5 <= asyncio.run(hung()) < 2.5  # not the 3 s of the first, unanswered read
