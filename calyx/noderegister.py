@@ -259,7 +259,8 @@ class NodeRegistration:
         merged = register(self.ds, self.node, self.wanted())
         key = keys.node_key(self.node)
         if merged.changed:
-            how = f" ({self.method} on {self.detected.interface})" if self.detected is not None else ""
+            moved = self.detected is not None and any(c.startswith("ipv4=") for c in merged.changes)
+            how = f" ({self.method} on {self.detected.interface})" if moved and self.detected is not None else ""
             log.info("node registration: %s %s: %s%s", "updated" if merged.changes else "tidied", key,
                      ", ".join(merged.changes) or "records of fields the operator changed dropped", how)
         for note in merged.operator:

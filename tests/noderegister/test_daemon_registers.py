@@ -7,6 +7,7 @@ daemon runs as its console script, as the units run it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,9 @@ from typing import Any
 import pytest
 
 from calyx.datastore import keys
+from calyx.datastore.client import Datastore
+from calyx.kernel.autodetect import Method
+from calyx.noderegister import NodeRegistration
 from tests.fixtures.etcd import EtcdMember, TcpProxy
 from tests.fixtures.netns import Netns
 from tests.fixtures.routers import wait_for
@@ -83,17 +87,18 @@ def host(netns: Callable[[], Netns], etcd: EtcdMember, tmp_path: Path) -> Iterat
         h.close()
 
 
-def node_value(etcd: EtcdMember, node: str) -> dict[str, Any] | None:
-    kv = etcd.client().get(keys.node_key(node))
+def node_value(ds: Datastore, node: str) -> dict[str, Any] | None:
+    kv = ds.get(keys.node_key(node))
     return None if kv is None else json.loads(kv.value)
 
 
 @pytest.mark.parametrize("daemon", ["felix", "bgpd"])
 def test_a_daemon_creates_its_node_with_the_detected_address(daemon: str, host: Host, etcd: EtcdMember) -> None:
     node = f"reg-{daemon}"
-    etcd.client().delete(keys.node_key(node))
+    ds = etcd.client()
+    ds.delete(keys.node_key(node))
     host.start(daemon, node, 'node_as_number = 65001\n[node_labels]\nrack = "r1"\n')
-    value = wait_for(lambda: node_value(etcd, node), 30, f"{keys.node_key(node)} created by {daemon}")
+    value = wait_for(lambda: node_value(ds, node), 30, f"{keys.node_key(node)} created by {daemon}")
     assert value == {"ipv4": HOST_ADDR, "as_number": 65001, "labels": {"rack": "r1"},
                      "self_registered": {"as_number": "65001", "ipv4": HOST_ADDR, "labels.rack": "r1"}}, (
         host.log_text())
@@ -105,8 +110,43 @@ def test_a_daemon_creates_its_node_with_the_detected_address(daemon: str, host: 
 def test_an_operators_node_is_left_as_written(host: Host, etcd: EtcdMember) -> None:
     node = "reg-operator"
     written = {"ipv4": "10.0.1.11/24", "labels": {"rack": "r1"}}
-    etcd.client().put(keys.node_key(node), json.dumps(written))
+    ds = etcd.client()
+    ds.put(keys.node_key(node), json.dumps(written))
     host.start("felix", node)
     wait_for(lambda: "the operator's 10.0.1.11/24 is kept" in host.log_text(), 30, "felix's note on the address")
-    assert node_value(etcd, node) == written
+    assert node_value(ds, node) == written
     assert host.stop() == 0, host.log_text()
+
+
+def test_the_periodic_recheck_follows_a_host_that_moved(netns: Callable[[], Netns], etcd: EtcdMember) -> None:
+    """Detection in a namespace and registration together, re-checked on a short interval: the host's
+    address changes (renumbered uplink), and the Node follows without a restart."""
+    h, far = netns(), netns()
+    h.ip("link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", far.name)
+    h.ip("addr", "add", "10.20.0.5/24", "dev", "up0")
+    h.ip("link", "set", "up0", "up")
+    h.ip("route", "add", "default", "via", "10.20.0.1")
+    ds = etcd.client()
+    node = "reg-moves"
+    ds.delete(keys.node_key(node))
+    reg = NodeRegistration(ds, node, method=Method.parse("default-route"), netns=h.name, recheck_interval=0.2)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(reg.run())
+        try:
+            await asyncio.wait_for(reg.first_pass.wait(), 30)
+            first = node_value(ds, node)
+            assert first is not None and first["ipv4"] == "10.20.0.5/24"
+            await asyncio.to_thread(h.ip, "addr", "replace", "10.30.0.7/16", "dev", "up0")
+            await asyncio.to_thread(h.ip, "addr", "del", "10.20.0.5/24", "dev", "up0")
+            await asyncio.to_thread(h.ip, "route", "replace", "default", "via", "10.30.0.1")
+            for _ in range(150):
+                value = node_value(ds, node)
+                if value is not None and value["ipv4"] == "10.30.0.7/16":
+                    break
+                await asyncio.sleep(0.1)
+            assert node_value(ds, node) == {"ipv4": "10.30.0.7/16", "self_registered": {"ipv4": "10.30.0.7/16"}}
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
