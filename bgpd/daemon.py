@@ -51,7 +51,7 @@ from bgpd.peering import LocalIdentity, Neighbor, desired_peers, local_identity
 from bgpd.rib import LocalInfo, PeerInfo, Rib, reflect
 from bgpd.status import EXABGP_RESTARTS, FIB_APPLY_SECONDS, GARBAGE_LINES, PREFIXES, StatusReporter
 from calyx import config as calyx_config
-from calyx import model
+from calyx import model, noderegister
 from calyx.config import Config
 from calyx.daemon import LeasedStatus, setup_logging, start_metrics
 from calyx.datastore import keys
@@ -552,6 +552,7 @@ class BgpDaemon:
             except OSError as exc:
                 log.warning("cannot watch rtnetlink (%s): the FIB is repaired at the periodic resync only", exc)
         assert self.ds is not None
+        registration = await noderegister.start(self.cfg, self.ds)  # this host's Node (then in the background)
         syncer = AsyncSyncer(self.ds, _prefixes(self.cfg), model.decode, name="bgpd")
         syncer.start()
         if self.leased is not None:
@@ -585,6 +586,7 @@ class BgpDaemon:
                 await self.reconcile()
                 self._report(force=True)
         finally:
+            registration.cancel()
             stopper.cancel()
             consumer.cancel()
             if self.linkwatch is not None:

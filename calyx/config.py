@@ -142,6 +142,50 @@ def _node_name(value: object) -> str:
     return name
 
 
+def _autodetection(value: object) -> str:
+    from calyx.kernel.autodetect import Method
+
+    return str(Method.parse(_str(value)))
+
+
+def _as_number(value: object) -> int:
+    if isinstance(value, str) and "." in value:  # asdot, as in the datastore: "1.10" = 65546
+        hi, _, lo = value.strip().partition(".")
+        if hi.isdigit() and lo.isdigit() and int(hi) < 65536 and int(lo) < 65536:
+            return int(hi) * 65536 + int(lo)
+        raise ValueError(f"expected an AS number (1..4294967295 or asdot 'a.b'), got {value!r}")
+    return _int_range(1, 4294967295)(value)
+
+
+def _labels(value: object) -> tuple[tuple[str, str], ...]:
+    """A TOML table of label → string, or ``"k=v,k2=v2"`` (the environment's form)."""
+    from calyx.model.validate import label_error
+
+    pairs: list[tuple[str, str]] = []
+    if isinstance(value, str):
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected name=value pairs separated by commas, got {item.strip()!r}")
+            pairs.append((k.strip(), v.strip()))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ValueError(f"label {k!r}: values must be strings, got {v!r}")
+            pairs.append((k, v))
+    else:
+        raise ValueError('expected a table of label = "value" (environment: "name=value,name2=value2")')
+    for k, v in pairs:
+        err = label_error(k, v)
+        if err:
+            raise ValueError(err)
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError("a label is given twice")
+    return tuple(sorted(pairs))
+
+
 @dataclass(frozen=True)
 class Config:
     """Resolved configuration. Field names are the TOML keys; ``CALYX_<UPPER>`` the variables."""
@@ -160,6 +204,10 @@ class Config:
     metrics_host: str = "127.0.0.1"
     state_dir: str = "/var/lib/calyx"
     run_dir: str = "/run/calyx"
+    # node self-registration (calyx.noderegister; felix and bgpd)
+    node_ipv4_autodetection: str = "default-route"
+    node_as_number: int | None = None
+    node_labels: tuple[tuple[str, str], ...] = ()
     # felix
     iptables_backend: str = "auto"
     route_refresh_interval: float = 90.0
@@ -204,6 +252,9 @@ FIELDS: dict[str, Callable[[object], Any]] = {
     "metrics_host": _str,
     "state_dir": _str,
     "run_dir": _str,
+    "node_ipv4_autodetection": _autodetection,
+    "node_as_number": _as_number,
+    "node_labels": _labels,
     "iptables_backend": _choice("auto", "legacy", "nft"),
     "route_refresh_interval": _float_range(0, 86400),
     "iptables_refresh_interval": _float_range(0, 86400),
@@ -229,6 +280,15 @@ COMPONENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 assert set(FIELDS) <= {f.name for f in fields(Config)}
+
+#: keys that describe the host, not one program: felix and bgpd both register the node with them and
+#: must agree, so a component table or a CALYX_<COMPONENT>_<KEY> variable may not set them
+HOST_KEYS = frozenset({"node_ipv4_autodetection", "node_as_number", "node_labels"})
+
+
+def _host_key_error(key: str, source: str) -> ConfigError:
+    return ConfigError(f"{source}: {key} describes the host (felix and bgpd both register the node with it and "
+                       f"must agree): set it at the top level of the file or as CALYX_{key.upper()}")
 
 
 def _convert(key: str, value: object, source: str) -> Any:
@@ -335,12 +395,16 @@ def load(
                 origins[key] = f"{cfg_path} [{component}]"
         for comp in COMPONENTS:
             sec = raw.get(comp)
-            if comp != component and isinstance(sec, dict):
+            if isinstance(sec, dict):
                 for key, value in sec.items():  # validate the other sections too: typos anywhere fail
                     _convert(key, value, f"{cfg_path} [{comp}]")
+                    if key in HOST_KEYS:
+                        raise _host_key_error(key, f"{cfg_path} [{comp}]")
 
     for key in FIELDS:
         for var in (f"CALYX_{key.upper()}", f"CALYX_{component.upper()}_{key.upper()}"):
+            if var in env and key in HOST_KEYS and var != f"CALYX_{key.upper()}":
+                raise _host_key_error(key, f"environment variable {var}")
             if var in env:
                 values[key] = _convert(key, env[var], f"environment variable {var}")
                 origins[key] = f"environment variable {var}"

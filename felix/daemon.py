@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from calyx import config as calyx_config
-from calyx import model
+from calyx import model, noderegister
 from calyx.daemon import LeasedStatus
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
@@ -197,6 +197,7 @@ class Felix:
         syncer = Syncer(self.ds, PREFIXES, model.decode, lambda b: self._on_batch(loop, b), name="felix",
                         on_exit=lambda f: self._on_syncer_exit(loop, f))
         links = LinkWatcher(lambda n: self._on_link(loop, n))
+        registration = await noderegister.start(self.cfg, self.ds)  # this host's Node (then in the background)
         self.leased.start()
         syncer.start()
         links.start()
@@ -263,6 +264,7 @@ class Felix:
                     self._report(syncer)
                     next_status = now + self.cfg.status_interval
         finally:
+            registration.cancel()
             stop_task.cancel()
             if prefetch is not None:
                 with contextlib.suppress(Exception):

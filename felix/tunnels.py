@@ -10,8 +10,9 @@ What it owns (the routes through the tunnels are bgpd's):
   gets the same address back) and released when no pool needs the tunnel any more;
 * the fields ``ipip_tunnel_address``, ``vxlan_tunnel_address`` and ``vxlan_tunnel_mac`` of this
   node's key ``/calyx/v1/nodes/<node>``, written by compare-and-swap on the raw JSON so that every
-  other field (known or not) is kept. A node key that does not exist is never created: that is the
-  operator's (or installer's) job, and the error says so in the log and in felix's status;
+  other field (known or not) is kept. A node key that does not exist is never created here: the
+  host's registration (:mod:`calyx.noderegister`) or the operator creates it; until then the error
+  says so in the log and in felix's status;
 * the devices, through :mod:`calyx.kernel.tunnels`: ``tunl0`` up with MTU = uplink - 20 (or
   ``tunnel_mtu``) and exactly the tunnel address, or down without addresses; ``vxlan.calyx``
   (VNI 4096, port 4789, learning off, MAC :func:`~calyx.kernel.tunnels.vtep_mac`, local = this
@@ -238,8 +239,8 @@ class TunnelManager:
             if kv is None:
                 if all(v is None for v in fields.values()):
                     return []
-                raise kt.TunnelError(f"node key {key} does not exist (felix never creates it): "
-                                     f"cannot publish {', '.join(fields)}")
+                raise kt.TunnelError(f"node key {key} does not exist (yet: the host's registration or the "
+                                     f"operator creates it): cannot publish {', '.join(fields)}")
             data: Any = json.loads(kv.value)
             if not isinstance(data, dict):
                 raise kt.TunnelError(f"node key {key} does not hold a JSON object")

@@ -97,6 +97,10 @@ class Node:
     ``ipv4`` carries the prefix length of the host's subnet (``10.0.1.11/24``): bgpd uses it to
     decide whether a peer's next hop is directly connected (CrossSubnet). The tunnel fields are
     published by felix when a pool needs IP-in-IP or VXLAN.
+
+    ``self_registered`` is written by the host itself (:mod:`calyx.noderegister`): for each field it
+    set (``ipv4``, ``as_number``, ``labels.<name>``) the value it wrote, as a string. A field whose
+    value differs from the one recorded there, or that is not recorded, is the operator's.
     """
 
     name: str
@@ -108,6 +112,7 @@ class Node:
     ipip_tunnel_address: ipaddress.IPv4Address | None = None
     vxlan_tunnel_address: ipaddress.IPv4Address | None = None
     vxlan_tunnel_mac: str | None = None
+    self_registered: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: object, *, key: str, name: str, strict: bool = False) -> Node:
@@ -135,6 +140,7 @@ class Node:
             ipip_tunnel_address=ipip,  # type: ignore[arg-type]
             vxlan_tunnel_address=vx,  # type: ignore[arg-type]
             vxlan_tunnel_mac=r.parsed("vxlan_tunnel_mac", parse_mac, "MAC address"),
+            self_registered=r.str_map("self_registered"),
         )
         r.done()
         return obj
@@ -156,6 +162,8 @@ class Node:
             d["vxlan_tunnel_address"] = str(self.vxlan_tunnel_address)
         if self.vxlan_tunnel_mac is not None:
             d["vxlan_tunnel_mac"] = self.vxlan_tunnel_mac
+        if self.self_registered:
+            d["self_registered"] = dict(self.self_registered)
         return d
 
     @property

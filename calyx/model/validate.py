@@ -172,13 +172,24 @@ class Reader:
             self.fail(name, f"expected an object of label: value, got {_type_name(value)}")
         out: dict[str, str] = {}
         for k, v in value.items():
-            if not isinstance(k, str) or not _LABEL_KEY.match(k):
-                self.fail(f"{name}.{k}", f"{k!r} is not a valid label name")
-            if not isinstance(v, str):
-                self.fail(f"{name}.{k}", f"label values must be strings, got {_type_name(v)}")
-            if len(v) > 256:
-                self.fail(f"{name}.{k}", "label value longer than 256 characters")
+            err = label_error(k, v)
+            if err:
+                self.fail(f"{name}.{k}", err)
             out[k] = v
+        return out
+
+    def str_map(self, name: str) -> dict[str, str]:
+        """An object of string → string (absent → empty)."""
+        value = self.raw(name)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(name, f"expected an object of string: string, got {_type_name(value)}")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(v, str):
+                self.fail(f"{name}.{k}", f"expected a string, got {_type_name(v)}")
+            out[str(k)] = v
         return out
 
     def str_list(self, name: str, *, pattern: re.Pattern[str] | None = None, what: str = "") -> tuple[str, ...]:
@@ -214,6 +225,17 @@ class Reader:
             except ValueError as exc:
                 self.fail(path, f"{item!r} is not a valid {what}: {exc}")
         return tuple(out)
+
+
+def label_error(name: object, value: object) -> str | None:
+    """Why ``name: value`` is not a valid label, or None."""
+    if not isinstance(name, str) or not _LABEL_KEY.match(name):
+        return f"{name!r} is not a valid label name"
+    if not isinstance(value, str):
+        return f"label values must be strings, got {_type_name(value)}"
+    if len(value) > 256:
+        return "label value longer than 256 characters"
+    return None
 
 
 def _type_name(value: object) -> str:

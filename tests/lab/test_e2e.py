@@ -109,6 +109,22 @@ def test_every_workload_reaches_every_other_through_the_tors(racks: Lab) -> None
         assert len(adds) == sum(ws.host == host for ws in racks.state.workloads.values()), log
 
 
+def test_hosts_leave_the_nodes_the_lab_wrote(racks: Lab) -> None:
+    """felix and bgpd register their node at start; the lab wrote every Node first, so every field is
+    the operator's: the values are byte for byte what cluster.yaml applied, with no self_registered."""
+    from calyx.cli import resources
+
+    assert racks.topo.cluster_file is not None
+    docs = resources.parse_documents(racks.topo.cluster_file.read_text(), str(racks.topo.cluster_file))
+    nodes = [d for d in docs if isinstance(d.obj, model.Node)]
+    assert {d.name for d in nodes} == {"h1a", "h1b", "h2a", "h2b"}
+    for d in nodes:
+        kv = racks.datastore().get(d.key)
+        assert kv is not None and kv.value == model.encode(d.obj), (d.key, kv)
+        for daemon in ("felix", "bgpd"):
+            assert "node registration: updated" not in racks.log_path(d.name, daemon).read_text()
+
+
 def test_tors_carry_blocks_not_workload_routes(racks: Lab) -> None:
     wait_until(lambda: _all_reach(racks), 30, "a full ping matrix")
     for tor in ("tor1", "tor2"):

@@ -78,6 +78,28 @@ def test_endpoints_list_or_comma_string(tmp_path: Path) -> None:
          "environment variable CALYX_ETCD_KEY: etcd_key is set but etcd_cert is not: etcd_cert and etcd_key must be "
          "given together (set etcd_cert too, or remove etcd_key)"),
         ("etcd_ca = '/etc/hostname'\n", {}, "calyx.toml: etcd_ca: /etc/hostname holds no CA certificate in PEM form"),
+        ("node_ipv4_autodetection = 'first-found'\n", {},
+         "calyx.toml: invalid value for node_ipv4_autodetection: expected one of default-route, interface=REGEX, "
+         "can-reach=IP, skip, got 'first-found'"),
+        ("node_ipv4_autodetection = 'interface=eth[0-'\n", {},
+         "invalid value for node_ipv4_autodetection: interface=eth[0-: not a valid regular expression"),
+        ("", {"CALYX_NODE_IPV4_AUTODETECTION": "can-reach=10.0.0.300"},
+         "environment variable CALYX_NODE_IPV4_AUTODETECTION: invalid value for node_ipv4_autodetection: "
+         "can-reach=10.0.0.300: not an IPv4 address"),
+        ("node_ipv4_autodetection = 'interface='\n", {}, "invalid value for node_ipv4_autodetection: expected one of"),
+        ("node_as_number = 0\n", {}, "invalid value for node_as_number: 0 is outside 1..4294967295"),
+        ("", {"CALYX_NODE_AS_NUMBER": "65536.1"}, "invalid value for node_as_number: expected an AS number"),
+        ("node_labels = {rack = 3}\n", {}, "invalid value for node_labels: label 'rack': values must be strings"),
+        ("node_labels = ['rack']\n", {}, "invalid value for node_labels: expected a table of label"),
+        ("", {"CALYX_NODE_LABELS": "rack=r1,zone"},
+         "environment variable CALYX_NODE_LABELS: invalid value for node_labels: expected name=value pairs "
+         "separated by commas, got 'zone'"),
+        ("", {"CALYX_NODE_LABELS": "bad key!=x"}, "invalid value for node_labels: 'bad key!' is not a valid label"),
+        ("[bgpd]\nnode_labels = {rack = 'r1'}\n", {},
+         "calyx.toml [bgpd]: node_labels describes the host (felix and bgpd both register the node with it and must "
+         "agree): set it at the top level of the file or as CALYX_NODE_LABELS"),
+        ("", {"CALYX_FELIX_NODE_AS_NUMBER": "65001"},
+         "environment variable CALYX_FELIX_NODE_AS_NUMBER: node_as_number describes the host"),
     ],
 )
 def test_invalid_configuration_names_the_key(tmp_path: Path, text: str, env: dict[str, str], words: str) -> None:
@@ -195,3 +217,20 @@ def test_key_segments_are_checked() -> None:
         keys.block_cidr("10.65.0.65-26")
     assert keys.parse_key("/calyx/v1/nodes/") is None
     assert keys.parse_key(b"\xff\xfe") is None
+
+
+def test_node_registration_keys(tmp_path: Path) -> None:
+    cfg = config.load("felix", path=write(tmp_path, ""), environ={})
+    assert (cfg.node_ipv4_autodetection, cfg.node_as_number, cfg.node_labels) == ("default-route", None, ())
+    path = write(tmp_path, "node_ipv4_autodetection = 'interface=ens[0-9]+'\nnode_as_number = '1.10'\n"
+                           "[node_labels]\nrack = 'r1'\n'calyx.io/zone' = 'z'\n")
+    cfg = config.load("bgpd", path=path, environ={})
+    assert cfg.node_ipv4_autodetection == "interface=ens[0-9]+"
+    assert cfg.node_as_number == 65546
+    assert cfg.node_labels == (("calyx.io/zone", "z"), ("rack", "r1"))
+    env = {"CALYX_NODE_LABELS": " zone = z1 , rack=r2,empty=", "CALYX_NODE_IPV4_AUTODETECTION": "Can-Reach=10.0.0.1",
+           "CALYX_NODE_AS_NUMBER": "65001"}
+    cfg = config.load("felix", path=path, environ=env)
+    assert cfg.node_labels == (("empty", ""), ("rack", "r2"), ("zone", "z1"))
+    assert (cfg.node_ipv4_autodetection, cfg.node_as_number) == ("can-reach=10.0.0.1", 65001)
+    assert config.load("felix", path=path, environ={"CALYX_NODE_LABELS": ""}).node_labels == ()

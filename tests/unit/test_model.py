@@ -16,7 +16,8 @@ pytestmark = pytest.mark.unit
 VALID = {
     "/calyx/v1/config/cluster": {"as_number": 65000, "node_to_node_mesh": False, "communities": ["65000:100"]},
     "/calyx/v1/nodes/h1": {"ipv4": "10.0.1.11/24", "as_number": 65001, "route_reflector_cluster_id": "1.2.3.4",
-                           "labels": {"rack": "r1", "calyx.io/role": "rr"}},
+                           "labels": {"rack": "r1", "calyx.io/role": "rr"},
+                           "self_registered": {"ipv4": "10.0.1.11/24", "labels.rack": "r1"}},
     "/calyx/v1/bgp/peers/tor1": {"peer_ip": "10.0.1.1", "as_number": 65000, "node": "h1", "password": "s3cret",
                                  "max_prefixes": 1000, "keepalive": 10, "hold_time": 30},
     "/calyx/v1/bgp/peers/to-rrs": {"peer_selector": "has(rr)", "node_selector": "!has(rr)"},
@@ -103,6 +104,9 @@ BAD = [
     ("/calyx/v1/nodes/h1", b'{"ipv4": "fd00::1/64"}', "ipv4", "IPv4"),
     ("/calyx/v1/nodes/h1", b'{"as_number": 0}', "as_number", "minimum"),
     ("/calyx/v1/nodes/h1", b'{"labels": {"bad key!": "x"}}', "labels.bad key!", "label name"),
+    ("/calyx/v1/nodes/h1", b'{"self_registered": ["ipv4"]}', "self_registered", "expected an object"),
+    ("/calyx/v1/nodes/h1", b'{"self_registered": {"as_number": 65001}}', "self_registered.as_number",
+     "expected a string"),
     ("/calyx/v1/bgp/peers/p", b'{"as_number": 65000}', "peer_ip", "exactly one"),
     ("/calyx/v1/bgp/peers/p", b'{"peer_ip": "10.0.0.1"}', "as_number", "required"),
     ("/calyx/v1/bgp/peers/p", b'{"peer_ip": "10.0.0.300", "as_number": 1}', "peer_ip", "not a valid"),
@@ -206,3 +210,16 @@ def test_lazy_kinds_load_on_first_use_and_behave_like_the_others() -> None:
         model.NoSuchKind  # noqa: B018
     with pytest.raises(TypeError):
         model.kind_of(object())  # type: ignore[arg-type]
+
+
+def test_node_self_registered_record() -> None:
+    """calyxctl apply (strict) accepts the record a host writes; readers accept records of fields they do not
+    know (a newer Calyx may register more), and a Node without one encodes exactly as before."""
+    key = "/calyx/v1/nodes/h1"
+    value = json.dumps({"ipv4": "10.0.1.11/24", "self_registered": {"ipv4": "10.0.1.11/24", "ipv6": "fd00::1/64"}})
+    node = model.decode(key, value.encode(), strict=True)
+    assert isinstance(node, model.Node)
+    assert node.self_registered == {"ipv4": "10.0.1.11/24", "ipv6": "fd00::1/64"}
+    plain = model.decode(key, b'{"ipv4": "10.0.1.11/24"}')
+    assert isinstance(plain, model.Node) and plain.self_registered == {}
+    assert "self_registered" not in plain.to_dict()
