@@ -303,7 +303,8 @@ class ExaBGP:
             log.warning("API channel read failed: %s", exc)
         finally:
             if self._writer is writer:
-                log.warning("API helper disconnected")
+                # a warning only when nobody asked for it: on a stop it is how ExaBGP is meant to go
+                (log.info if self._stopping else log.warning)("API helper disconnected")
                 self._drop_connection()
 
     def _drop_connection(self) -> None:
