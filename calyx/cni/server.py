@@ -190,6 +190,7 @@ class Server:
 
     def stop(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Stop accepting, wait for the calls in flight (up to ``timeout``), remove the socket."""
+        self.health.stopping()  # here, not in the signal handler: that may run inside the health's lock
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
@@ -311,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping", signum)
-        server.health.stopping()
         server._stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
