@@ -553,14 +553,25 @@ class BgpDaemon:
             return False, "ExaBGP is not running or its API channel is not connected yet", started
         if not self.fib_programmed:
             return False, "in sync; programming the FIB", False
-        silent = [f"{peer} {sess.state}" for peer, sess in sorted(self.sessions.items())
-                  if not sess.up and not sess.last_error]
+        up = down = passive = 0
+        silent = []
+        for peer, sess in sorted(self.sessions.items()):
+            if sess.up:
+                up += 1
+            elif sess.last_error:
+                down += 1
+            elif sess.neighbor.passive:
+                passive += 1  # its reason is its configuration: it waits for the peer to connect
+            else:
+                silent.append(f"{peer} {sess.state}")
         if silent:
             return False, f"BGP sessions neither established nor reporting why: {', '.join(silent)}", True
-        up = sum(1 for sess in self.sessions.values() if sess.up)
-        down = len(self.sessions) - up
         summary = f"in sync; FIB programmed; {up}/{len(self.sessions)} BGP sessions established"
-        return True, summary + (f", {down} down with a reason (calyxctl node status)" if down else ""), True
+        if down:
+            summary += f", {down} down with a reason (calyxctl node status)"
+        if passive:
+            summary += f", {passive} passive waiting for the peer"
+        return True, summary, True
 
     def _update_health(self, datastore_in_sync: bool) -> None:
         ready, text, started = self.readiness(datastore_in_sync)

@@ -33,11 +33,12 @@ def _daemon(outcome: str = "started") -> BgpDaemon:
     return d
 
 
-def _sync(d: BgpDaemon, *, node: bool = True) -> None:
+def _sync(d: BgpDaemon, *, node: bool = True, passive: bool = False) -> None:
     updates: list[object] = [
         Update(keys.bgp_peer_key("tor"), BGPPeer.from_dict({"peer_ip": TOR, "as_number": 65000, "node": "h1"},
                                                            key=keys.bgp_peer_key("tor"), name="tor"), 1),
-        Update(keys.bgp_peer_key("rr"), BGPPeer.from_dict({"peer_ip": RR, "as_number": 65001, "node": "h1"},
+        Update(keys.bgp_peer_key("rr"), BGPPeer.from_dict({"peer_ip": RR, "as_number": 65001, "node": "h1",
+                                                           "passive": passive},
                                                           key=keys.bgp_peer_key("rr"), name="rr"), 1),
         Update(keys.CLUSTER_CONFIG_KEY, ClusterConfig.from_dict({"node_to_node_mesh": False},
                                                                 key=keys.CLUSTER_CONFIG_KEY, name="cluster"), 1),
@@ -88,3 +89,14 @@ def test_a_refused_exabgp_configuration_is_not_ready() -> None:
     asyncio.run(d.reconcile())
     d.exa._connected.set()
     assert d.readiness(True) == (False, "ExaBGP refused the configuration rendered for it (see the log)", True)
+
+
+def test_a_passive_session_waiting_for_its_peer_is_accounted_for() -> None:
+    d = _daemon()
+    _sync(d, passive=True)
+    asyncio.run(d.reconcile())
+    d.exa._connected.set()
+    assert d.readiness(True)[1] == f"BGP sessions neither established nor reporting why: {TOR} idle"
+    d.on_event(api.StateEvent(TOR, "up"))
+    assert d.readiness(True) == (True, "in sync; FIB programmed; 1/2 BGP sessions established, 1 passive waiting "
+                                       "for the peer", True)
