@@ -234,6 +234,7 @@ class Felix:
                         raise RuntimeError("the datastore syncer died") from self._syncer_failure
                     raise RuntimeError("the datastore syncer stopped unexpectedly")
                 had_links = self._drain()
+                self._update_health(syncer)  # the first apply may take long: say it is programming
                 now = time.monotonic()
                 if self.in_sync:
                     if prefetch is not None:
@@ -310,12 +311,11 @@ class Felix:
         """Ready: in sync with the datastore now, the dataplane programmed, the last apply clean.
         Start-up (``READY=1``) is complete once the first apply after the first in-sync is done."""
         h = self.health
-        if not syncer.in_sync:
-            h.set_not_ready("datastore not in sync (etcd unreachable, or a snapshot is loading)" if self.applied_once
-                            else "waiting for the datastore (etcd unreachable, or the snapshot is loading)",
-                            started=self.applied_once)
-        elif not self.applied_once:
-            h.set_not_ready("in sync with the datastore; programming the dataplane")
+        if not self.applied_once:
+            h.set_not_ready("in sync with the datastore; programming the dataplane" if self.in_sync
+                            else "waiting for the datastore (etcd unreachable, or the snapshot is loading)")
+        elif not syncer.in_sync:
+            h.set_not_ready("datastore not in sync (etcd unreachable, or a snapshot is loading)", started=True)
         elif self.apply_errors:
             h.set_not_ready(f"the last apply left {len(self.apply_errors)} error(s), retrying: {self.apply_errors[0]}",
                             started=True)

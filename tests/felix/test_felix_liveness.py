@@ -89,6 +89,8 @@ def test_ready_only_once_in_sync_and_programmed(lab: Lab, notify_socket: NotifyS
     ready = sock.wait_for("READY=1", 30, alive=lab.felix_alive)
     routes = lab.route_dsts()  # read right after READY=1 arrived: programmed before it was sent
     assert set(WORKLOADS.values()) <= routes, (routes, lab.log()[-2000:])
+    programming = sock.wait_for("STATUS=not ready: in sync with the datastore; programming the dataplane", 1)
+    assert programming.at <= ready.at and sock.messages().index(programming) < sock.messages().index(ready)
     assert ready.pid == pid
     assert ready.get("STATUS") == "in sync; dataplane programmed for 3 local endpoints"
     assert _probe(lab, "/readyz") == (200, "ok: in sync; dataplane programmed for 3 local endpoints\n")
