@@ -16,7 +16,12 @@ a one-slot "kick"; :meth:`BgpDaemon.reconcile` does the work, one pass at a time
    that just came up gets everything again and then End-of-RIB (``manual-eor``: a peer doing
    graceful restart flushes our stale routes only once it has the new ones);
 4. RIB → FIB for the prefixes whose selection changed; stale paths swept by timer;
-5. status keys and metrics.
+5. status keys and metrics;
+6. health (:mod:`calyx.health`): every turn of the loop is a heartbeat (systemd's watchdog ping,
+   ``/livez``) — the loop turns at least as often as it asks — and ends with :meth:`BgpDaemon.readiness`:
+   start-up is complete (``READY=1``) once bgpd is in sync, ExaBGP runs this node's configuration
+   with its API channel up, and the FIB has been programmed; ready (``/readyz``) when, besides, every
+   configured session is established or reports why not (its status key's ``last_error``).
 
 Kernel changes: :class:`bgpd.linkwatch.LinkWatch` (rtnetlink multicast, read on this loop) reports
 bursts of link, address and foreign route-delete changes; the loop then resyncs the FIB at once
@@ -51,7 +56,7 @@ from bgpd.peering import LocalIdentity, Neighbor, desired_peers, local_identity
 from bgpd.rib import LocalInfo, PeerInfo, Rib, reflect
 from bgpd.status import EXABGP_RESTARTS, FIB_APPLY_SECONDS, GARBAGE_LINES, PREFIXES, StatusReporter
 from calyx import config as calyx_config
-from calyx import model, noderegister
+from calyx import health, model, noderegister
 from calyx.config import Config
 from calyx.daemon import LeasedStatus, setup_logging, start_metrics
 from calyx.datastore import keys
@@ -138,6 +143,11 @@ class BgpDaemon:
         self.linkwatch: LinkWatch | None = None
         self.fib_resync_needed = False
         self._keepalive_warned: set[tuple[str, int, int]] = set()
+        self.health = health.current()
+        #: the FIB has been applied at least once since bgpd started
+        self.fib_programmed = False
+        #: ExaBGP refused the last configuration rendered for it (it runs the one before, if any)
+        self.exa_refused = False
 
     # --- inputs ---
 
@@ -394,6 +404,7 @@ class BgpDaemon:
                                 port=self.cfg.bgp_listen_port, restart_time=cluster.graceful_restart_time,
                                 reactor_speed=self.cfg.reactor_speed)
         outcome = await self.exa.apply(exa_cfg)
+        self.exa_refused = outcome == "invalid"
         if outcome in ("started", "restarted"):
             for sess in self.sessions.values():
                 sess.state, sess.sent = "idle", {}
@@ -504,6 +515,7 @@ class BgpDaemon:
         start = time.monotonic()
         self.fib.apply(sweep=self.fib_complete)
         FIB_APPLY_SECONDS.observe(time.monotonic() - start)
+        self.fib_programmed = True
 
     def _rib_complete(self) -> bool:
         grace = max(self.cluster.graceful_restart_time, 1)
@@ -524,6 +536,49 @@ class BgpDaemon:
         self._last_status = now
         PREFIXES.labels("installed").set(self.fib.installed())
         self.status.publish(self.statuses())
+
+    def readiness(self, datastore_in_sync: bool) -> tuple[bool, str, bool]:
+        """(ready now, summary or reason, start-up complete): see the module docstring, point 6."""
+        if self.me is None:
+            why = ("waiting for the datastore (etcd unreachable, or the snapshot is loading)" if not self.in_sync
+                   else f"node {self.node} has no IPv4 address in the datastore ({keys.node_key(self.node)}): "
+                        "not peering")
+            return False, why, False
+        started = self.fib_programmed and self.exa.connected
+        if not datastore_in_sync:
+            return False, "datastore not in sync (etcd unreachable, or a snapshot is loading)", started
+        if self.exa_refused:
+            return False, "ExaBGP refused the configuration rendered for it (see the log)", started
+        if not self.exa.connected:
+            return False, "ExaBGP is not running or its API channel is not connected yet", started
+        if not self.fib_programmed:
+            return False, "in sync; programming the FIB", False
+        up = down = passive = 0
+        silent = []
+        for peer, sess in sorted(self.sessions.items()):
+            if sess.up:
+                up += 1
+            elif sess.last_error:
+                down += 1
+            elif sess.neighbor.passive:
+                passive += 1  # its reason is its configuration: it waits for the peer to connect
+            else:
+                silent.append(f"{peer} {sess.state}")
+        if silent:
+            return False, f"BGP sessions neither established nor reporting why: {', '.join(silent)}", True
+        summary = f"in sync; FIB programmed; {up}/{len(self.sessions)} BGP sessions established"
+        if down:
+            summary += f", {down} down with a reason (calyxctl node status)"
+        if passive:
+            summary += f", {passive} passive waiting for the peer"
+        return True, summary, True
+
+    def _update_health(self, datastore_in_sync: bool) -> None:
+        ready, text, started = self.readiness(datastore_in_sync)
+        if ready:
+            self.health.set_ready(text)
+        else:
+            self.health.set_not_ready(text, started=started)
 
     def statuses(self) -> list[BGPPeerStatus]:
         out = []
@@ -562,7 +617,8 @@ class BgpDaemon:
         last_resync = time.monotonic()
         try:
             while not stop.is_set():
-                timeout = STATUS_INTERVAL
+                self.health.beat()
+                timeout = min(STATUS_INTERVAL, self.health.next_turn())
                 deadlines = [self._next_release(), self.rib.next_deadline() if self.rib is not None else None]
                 for deadline in deadlines:
                     if deadline is not None:
@@ -585,6 +641,7 @@ class BgpDaemon:
                     self.fib.resync()
                 await self.reconcile()
                 self._report(force=True)
+                self._update_health(syncer.in_sync)
         finally:
             registration.cancel()
             stopper.cancel()

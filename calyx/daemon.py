@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from calyx import logfmt
+from calyx import health, logfmt
 from calyx.datastore.client import Datastore, DatastoreError, Lease
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,12 @@ def setup_logging(level: str, name: str, *, log_format: str = "text", node: str 
 
 
 def start_metrics(host: str, port: int) -> None:
-    """Serve Prometheus metrics on http://host:port/metrics (port 0: disabled)."""
+    """Serve Prometheus metrics on http://host:port/metrics, and the process's /livez and /readyz
+    (:mod:`calyx.health`) on the same listener (port 0: disabled)."""
     if not port:
         return
-    from prometheus_client import start_http_server
-
-    start_http_server(port, addr=host)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    health.serve(host, port, health.current())
+    log.info("metrics on http://%s:%d/metrics, health on /livez and /readyz", host, port)
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[int | None]], *, name: str) -> int:
@@ -80,6 +79,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[int | None]], *, name: str) ->
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
                 os._exit(EXIT_CRASH)
             log.info("%s: shutting down", signal.Signals(signum).name)
+            health.current().stopping()
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

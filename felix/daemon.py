@@ -12,7 +12,11 @@ runs the dataplane's blocking apply. The loop:
    routes and sysctls → iptables → ipsets deleted) in the worker thread;
 4. retries failures with exponential backoff (0.1 s to 30 s), and triggers jittered periodic
    resyncs (route, iptables and ipset refresh intervals) that read the kernel back and repair drift;
-5. reports status (leased key, per-endpoint keys, metrics).
+5. reports status (leased key, per-endpoint keys, metrics);
+6. turns at least as often as :class:`calyx.health.Health` asks: every turn is a heartbeat (systemd's
+   watchdog ping, ``/livez``), and ends by saying whether felix is ready (``/readyz``, ``READY=1``
+   once, ``STATUS=``): in sync with the datastore and the dataplane programmed. A turn includes the
+   apply it awaits, so an apply that never returns stops the pings.
 
 Crash-only: any unexpected exception (a dead syncer included) propagates to
 :func:`calyx.daemon.run`, which logs it and exits non-zero; the restarted felix reads the kernel
@@ -31,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from calyx import config as calyx_config
-from calyx import model, noderegister
+from calyx import health, model, noderegister
 from calyx.daemon import LeasedStatus
 from calyx.datastore import keys
 from calyx.datastore.client import Datastore
@@ -99,6 +103,7 @@ class Felix:
 
     def __init__(self, cfg: calyx_config.Config, ds: Datastore) -> None:
         self._started = time.monotonic()
+        self.health = health.current()
         self.cfg = cfg
         self.ds = ds
         self.calc = Calculator(cfg.node_name)
@@ -210,8 +215,9 @@ class Felix:
         first = True
         try:
             while not stop.is_set():
+                self.health.beat()
                 now = time.monotonic()
-                deadlines = [next_status]
+                deadlines = [next_status, now + self.health.next_turn()]
                 if self.in_sync:
                     deadlines += [t.due for t in self._timers]
                     if self._retry_at is not None:
@@ -229,6 +235,7 @@ class Felix:
                         raise RuntimeError("the datastore syncer died") from self._syncer_failure
                     raise RuntimeError("the datastore syncer stopped unexpectedly")
                 had_links = self._drain()
+                self._update_health(syncer)  # the first apply may take long: say it is programming
                 now = time.monotonic()
                 if self.in_sync:
                     if prefetch is not None:
@@ -263,6 +270,7 @@ class Felix:
                 if now >= next_status or self._status_changed:
                     self._report(syncer)
                     next_status = now + self.cfg.status_interval
+                self._update_health(syncer)
         finally:
             registration.cancel()
             stop_task.cancel()
@@ -300,6 +308,21 @@ class Felix:
             log.info("first apply complete %.2f s after start (%s)", time.monotonic() - self._started,
                      "changes made" if report.did_work else "the kernel was already right")
         self.applied_once = True
+
+    def _update_health(self, syncer: Syncer) -> None:
+        """Ready: in sync with the datastore now, the dataplane programmed, the last apply clean.
+        Start-up (``READY=1``) is complete once the first apply after the first in-sync is done."""
+        h = self.health
+        if not self.applied_once:
+            h.set_not_ready("in sync with the datastore; programming the dataplane" if self.in_sync
+                            else "waiting for the datastore (etcd unreachable, or the snapshot is loading)")
+        elif not syncer.in_sync:
+            h.set_not_ready("datastore not in sync (etcd unreachable, or a snapshot is loading)", started=True)
+        elif self.apply_errors:
+            h.set_not_ready(f"the last apply left {len(self.apply_errors)} error(s), retrying: {self.apply_errors[0]}",
+                            started=True)
+        else:
+            h.set_ready(f"in sync; dataplane programmed for {len(self.calc.local_endpoints)} local endpoints")
 
     def _report(self, syncer: Syncer) -> None:
         self._status_changed = False

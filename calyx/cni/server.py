@@ -19,6 +19,11 @@ stdout, stderr and environment (:func:`calyx.cni.spec.call_io`). Only root and t
 user may call (``SO_PEERCRED`` uid). At most ``--max-calls`` run at once; more wait their turn.
 SIGTERM stops accepting and waits up to 30 s for the calls in flight.
 
+Health (:mod:`calyx.health`): the accept loop is the main loop. Each turn (at least every 0.5 s, and
+while it waits for a free call slot) is a heartbeat — systemd's watchdog ping and ``/livez`` on the
+metrics port — and the service is ready (``READY=1``, ``/readyz``) once it listens; SIGTERM sends
+``STOPPING=1``.
+
 Configuration: the service's own (``config.load("cni")``: ``--config``, ``CALYX_CONFIG``, the
 ``[cni]`` table, ``CALYX_*``) sets its ``log_level``, ``log_format`` and the node name its JSON
 lines carry, and a configuration that cannot work (a bad key, a missing TLS file) ends it with one
@@ -45,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from calyx import health as calyx_health
 from calyx.cni import shim, spec
 from calyx.kernel import netns
 
@@ -53,6 +59,7 @@ log = logging.getLogger("calyx.cni.server")
 MAX_REQUEST = 4 << 20  #: bytes; a network configuration is a few KiB
 READ_TIMEOUT = 10.0  #: seconds to receive the whole request
 DRAIN_TIMEOUT = 30.0  #: seconds SIGTERM waits for calls in flight
+ACCEPT_TICK = 0.5  #: seconds the accept loop waits at most before it turns again
 
 Runner = Callable[[Mapping[str, str], bytes], int]
 
@@ -111,8 +118,10 @@ def _read_all(conn: socket.socket) -> bytes:
 class Server:
     """Accepts calls on ``path`` and runs each in a thread (see the module docstring)."""
 
-    def __init__(self, path: str, *, max_calls: int = 32, runners: Mapping[str, Runner] | None = None) -> None:
+    def __init__(self, path: str, *, max_calls: int = 32, runners: Mapping[str, Runner] | None = None,
+                 health: calyx_health.Health | None = None) -> None:
         self.path = path
+        self.health = health if health is not None else calyx_health.Health()
         self.runners = dict(runners) if runners is not None else _runners()
         self._slots = threading.BoundedSemaphore(max_calls)
         self._sock: socket.socket | None = None
@@ -160,7 +169,10 @@ class Server:
     def serve_forever(self) -> None:
         assert self._sock is not None, "bind() first"
         log.info("serving CNI calls on %s", self.path)
+        self.health.set_ready(f"listening on {self.path}")
         while not self._stop.is_set():
+            self.health.beat()
+            self._sock.settimeout(max(0.01, min(ACCEPT_TICK, self.health.next_turn())))
             try:
                 conn, _ = self._sock.accept()
             except TimeoutError:
@@ -169,13 +181,16 @@ class Server:
                 if self._stop.is_set():
                     break
                 raise
-            self._slots.acquire()
+            # all slots busy: wait for a call to end, turning (the loop is alive; the calls have their own limits)
+            while not self._slots.acquire(timeout=max(0.01, min(ACCEPT_TICK, self.health.next_turn()))):
+                self.health.beat()
             with self._lock:
                 self._inflight += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True, name="cni-call").start()
 
     def stop(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Stop accepting, wait for the calls in flight (up to ``timeout``), remove the socket."""
+        self.health.stopping()  # here, not in the signal handler: that may run inside the health's lock
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         config.fail("calyx-cni-server", exc)
     setup_logging(cfg.log_level, "calyx-cni-server", log_format=cfg.log_format, node=cfg.node_name)
-    server = Server(args.socket, max_calls=args.max_calls)
+    server = Server(args.socket, max_calls=args.max_calls, health=calyx_health.current())
     server.bind()
     if args.metrics_port:
         server.enable_metrics()

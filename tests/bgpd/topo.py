@@ -43,8 +43,11 @@ class EtcdForward(TcpProxy):
 class Bgpd:
     """``bgpd run`` for node ``node`` inside ``ns``."""
 
-    def __init__(self, ns: Netns, node: str, workdir: Path, etcd_endpoint: str) -> None:
+    def __init__(self, ns: Netns, node: str, workdir: Path, etcd_endpoint: str, *, metrics_port: int = 0,
+                 env: dict[str, str] | None = None) -> None:
         self.ns = ns
+        self.metrics_port = metrics_port
+        self.extra_env = dict(env or {})
         self.node = node
         self.dir = workdir / f"bgpd-{node}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -61,11 +64,13 @@ class Bgpd:
             "CALYX_RUN_DIR": str(self.dir / "run"),
             "CALYX_STATUS_TTL": "10",
             "PYTHONPATH": str(ROOT),
+            **self.extra_env,
         }
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns.name, sys.executable, "-m", "bgpd.cli", "run", "--node-name",
-                 self.node, "--etcd-endpoints", self.etcd_endpoint, "--metrics-port", "0", "--log-level", "info"],
+                 self.node, "--etcd-endpoints", self.etcd_endpoint, "--metrics-port", str(self.metrics_port),
+                 "--log-level", "info"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=str(ROOT),
             )  # fmt: skip
         self.ns.procs.append(self.proc)

@@ -102,7 +102,7 @@ class Lab:
 
     # --- felix ---
 
-    def start_felix(self) -> None:
+    def start_felix(self, extra_env: dict[str, str] | None = None) -> None:
         self.starts += 1
         env = dict(os.environ)
         env.update({
@@ -118,6 +118,7 @@ class Lab:
             "CALYX_IP_FORWARDING": "enable",
             "CALYX_METRICS_PORT": str(METRICS_PORT),
             "CALYX_LOG_LEVEL": "info",
+            **(extra_env or {}),
         })
         log = open(self.log_path(self.starts), "wb")  # noqa: SIM115 (the child owns it)
         self.felix = self.host.popen(FELIX, "run", env=env, stdout=log, stderr=subprocess.STDOUT)

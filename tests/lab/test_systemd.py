@@ -115,3 +115,21 @@ def test_example_environment_file_uses_known_keys() -> None:
         for comp in ("felix_", "bgpd_"):
             key = key.removeprefix(comp)
         assert key in config.FIELDS, f"{var} is not a configuration key"
+
+
+@pytest.mark.parametrize(("name", "watchdog", "start_timeout"), [
+    ("felix.service", "60s", "infinity"),
+    ("bgpd.service", "30s", "infinity"),
+    ("calyx-cni.service", "30s", None),
+])
+def test_units_notify_readiness_and_feed_a_watchdog(name: str, watchdog: str, start_timeout: str | None) -> None:
+    """Type=notify with a watchdog (the daemons' side: tests/*/test_*liveness.py); only the main
+    process may notify, so ExecStart must run the daemon itself, not a shell or a wrapper."""
+    svc = _unit(name)["Service"]
+    assert (svc["Type"], svc["NotifyAccess"], svc["WatchdogSec"]) == ("notify", "main", watchdog)
+    assert svc.get("TimeoutStartSec") == start_timeout
+    exe = svc["ExecStart"].split()[0]
+    assert exe.startswith("/opt/calyx/bin/") and not any(c in svc["ExecStart"] for c in ";|&$`<>")
+    # the console script pip writes runs the daemon in the interpreter it execs: one process
+    script = (Path(sys.executable).parent / exe.rsplit("/", 1)[1]).read_text()
+    assert script.startswith("#!") and "python" in script.splitlines()[0] and "sys.exit(main())" in script
