@@ -299,6 +299,7 @@ class Fib:
         self._want: dict[str, Spec] = {}  # prefix → what the kernel should hold
         self._actual: dict[str, tuple[int, Signature | None]] = {}  # prefix → (metric, signature) held
         self._extra: list[RouteMsg] = []  # our duplicates at other metrics, deleted at the next apply
+        self._withdrawing: set[str] = set()  # removals of the apply under way (see kernel_prefixes)
         self._dirty: set[str] = set()
         self._unroutable: dict[str, str] = {}
         self._conflicts: set[str] = set()
@@ -407,6 +408,12 @@ class Fib:
 
     def apply(self, *, sweep: bool) -> FibStats:
         """Write the dirty prefixes; with ``sweep`` also remove our routes that nobody wants."""
+        try:
+            return self._apply(sweep)
+        finally:
+            self._withdrawing.clear()  # booked (or to be read back): the belief says it now
+
+    def _apply(self, sweep: bool) -> FibStats:
         start = time.monotonic()
         stats = FibStats()
         if self._need_readback:
@@ -437,6 +444,10 @@ class Fib:
         create, delete, af, scope, unicast = Op.CREATE, Op.DELETE, socket.AF_INET, \
             rtnl.RT_SCOPE_UNIVERSE, rtnl.RTN_UNICAST
         inet_aton = socket.inet_aton
+        # prefixes whose delete is on its way: the link watch reads the kernel's notification of it
+        # on another thread, maybe before the acknowledgement is booked, and must not take it for
+        # someone else's delete (kernel_prefixes leaves them out)
+        withdrawing = self._withdrawing
         last_hops: tuple[str, ...] | None = None  # the RIB shares next-hop tuples: one spec lookup per run
         last_spec: Spec | None = None
         last_fresh: Spec | None = None  # the spec whose group fresh_* are
@@ -485,6 +496,7 @@ class Fib:
                         removal = gone[have[0], plen] = ([], [])
                     removal[0].append(prefix)
                     removal[1].append(packed)
+                    withdrawing.add(prefix)
                     if len(removal[1]) >= batch:
                         bulk.submit(delete, b"", have[0], plen, *removal)
                         gone[have[0], plen] = ([], [])
@@ -661,5 +673,5 @@ class Fib:
         return len(self._want)
 
     def kernel_prefixes(self) -> set[str]:
-        """What we believe the kernel holds with our protocol."""
-        return set(self._actual)
+        """What we believe the kernel holds with our protocol (less what an apply is removing now)."""
+        return set(self._actual) - set(self._withdrawing)

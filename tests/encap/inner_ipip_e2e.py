@@ -26,6 +26,7 @@ from tests.bgpd.topo import gateways, kernel_routes, ping_ok, wait_route
 from tests.encap.topo import Capture, Topo, block_of, encap_topology, frag_needed, ping_df
 from tests.fixtures.etcd import EtcdMember
 from tests.fixtures.routers import wait_for
+from tests.fixtures.vm import SLOWDOWN
 
 pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_VM") != "1", reason="runs inside the test VM only")
 
@@ -39,13 +40,15 @@ def topo(etcd: EtcdMember, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_cross_subnet_is_ipip_between_host_addresses(topo: Topo) -> None:
     h1 = topo.hosts["h1"]
-    route = wait_route(h1, block_of(topo.wl_ip["h2"]), ["10.31.2.1"], timeout=120, what="h2's block via tunl0")
+    route = wait_route(h1, block_of(topo.wl_ip["h2"]), ["10.31.2.1"],
+            timeout=120 * SLOWDOWN, what="h2's block via tunl0")
     assert route["dev"] == "tunl0" and "onlink" in route.get("flags", [])
     tunl = h1.ip_json("-4", "addr", "show", "tunl0")[0]
     assert tunl["mtu"] == 1480 and "UP" in tunl["flags"]
     assert [a["local"] for a in tunl["addr_info"]] == [topo.vtep["h1"]]
     cap = Capture(topo.router, "r-h2", "ip proto 4", verbose=False)
-    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h2"], count=2), 30, "w1 → w2")
+    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h2"], count=2),
+            30 * SLOWDOWN, "w1 → w2")
     text = cap.stop()
     w1, w2 = re.escape(topo.wl_ip["h1"]), re.escape(topo.wl_ip["h2"])
     assert re.search(rf"10\.31\.1\.1 > 10\.31\.2\.1: IP {w1} > {w2}: ICMP echo request", text), text
@@ -55,9 +58,11 @@ def test_cross_subnet_is_ipip_between_host_addresses(topo: Topo) -> None:
 
 
 def test_same_subnet_is_not_encapsulated_in_cross_subnet_mode(topo: Topo) -> None:
-    wait_route(topo.hosts["h1"], block_of(topo.wl_ip["h3"]), ["10.31.1.3"], timeout=60, what="h3's block direct")
+    wait_route(topo.hosts["h1"], block_of(topo.wl_ip["h3"]), ["10.31.1.3"],
+            timeout=60 * SLOWDOWN, what="h3's block direct")
     cap = Capture(topo.router, "p-h1", "icmp or ip proto 4", verbose=False)
-    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2), 30, "w1 → w3")
+    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2),
+            30 * SLOWDOWN, "w1 → w3")
     text = cap.stop()
     assert f"IP {topo.wl_ip['h1']} > {topo.wl_ip['h3']}: ICMP echo request" in text, text
     assert "10.31.1.1 > 10.31.1.3" not in text, text
@@ -66,7 +71,7 @@ def test_same_subnet_is_not_encapsulated_in_cross_subnet_mode(topo: Topo) -> Non
 def test_mtu_file_df_pings_and_frag_needed(topo: Topo) -> None:
     assert (topo.work / "felix-h1" / "state" / "mtu").read_text().strip() == "1480"
     w1, dst = topo.wls["h1"], topo.wl_ip["h2"]
-    wait_for(lambda: ping_ok(w1, topo.wl_ip["h1"], dst, count=1), 30, "w1 → w2 ping")
+    wait_for(lambda: ping_ok(w1, topo.wl_ip["h1"], dst, count=1), 30 * SLOWDOWN, "w1 → w2 ping")
     ok = ping_df(w1, dst, 1400)
     assert " 0% packet loss" in ok, ok  # 1,428 bytes of IP: fits in the tunnel
     big = ping_df(w1, dst, 1472)  # 1,500 bytes: fits the workload's link, not the tunnel
@@ -102,8 +107,9 @@ def test_switch_to_always_reprograms_without_restart(topo: Topo) -> None:
         r = kernel_routes(h1).get(block)
         return r is not None and r.get("dev") == "tunl0" and gateways(r) == ["10.31.1.3"]
 
-    wait_for(via_tunl0, 60, "h3's block via tunl0 once the pool says Always")
+    wait_for(via_tunl0, 60 * SLOWDOWN, "h3's block via tunl0 once the pool says Always")
     cap = Capture(topo.router, "p-h1", "ip proto 4", verbose=False)
-    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2), 30, "w1 → w3")
+    assert wait_for(lambda: ping_ok(topo.wls["h1"], topo.wl_ip["h1"], topo.wl_ip["h3"], count=2),
+            30 * SLOWDOWN, "w1 → w3")
     text = cap.stop()
     assert re.search(r"10\.31\.1\.1 > 10\.31\.1\.3: IP ", text), text

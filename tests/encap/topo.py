@@ -32,6 +32,7 @@ from tests.bgpd.topo import ROOT, Bgpd, Cluster, EtcdForward
 from tests.fixtures.etcd import EtcdMember
 from tests.fixtures.netns import Netns, create_veth, netns_session
 from tests.fixtures.routers import wait_for
+from tests.fixtures.vm import SLOWDOWN
 
 FELIX = str(ROOT / ".venv/bin/felix")
 HOSTS = {"h1": "10.31.1.1", "h2": "10.31.2.1", "h3": "10.31.1.3"}
@@ -146,7 +147,7 @@ def encap_topology(etcd: EtcdMember, work: Path, pool: dict[str, Any], tunnel_fi
                 return True
 
             try:
-                wait_for(published, 90, f"every felix to publish {tunnel_field}")
+                wait_for(published, 90 * SLOWDOWN, f"every felix to publish {tunnel_field}")
             except AssertionError:
                 for name, log in logs.items():
                     print(f"--- felix {name}\n" + log.read_text(errors="replace")[-3000:])

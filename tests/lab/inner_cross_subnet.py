@@ -27,6 +27,7 @@ import pytest
 from calyx.lab import fabric
 from calyx.lab.runner import Lab
 from calyx.lab.topology import resolve
+from tests.fixtures.vm import SLOWDOWN
 from tests.lab.conftest import instance_name, wait_until
 
 pytestmark = pytest.mark.skipif(os.environ.get("CALYX_IN_VM") != "1", reason="runs inside the test VM only")
@@ -38,7 +39,7 @@ HOST_IP = {"h1": "10.0.1.11", "h2": "10.0.1.12", "h3": "10.0.2.11", "h4": "10.0.
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab.create(resolve("cross-subnet"), instance=instance_name("v"), root=tmp_path_factory.mktemp("labs"))
     try:
-        lab.up()
+        lab.up(ready_timeout=90 * SLOWDOWN)
         yield lab
     finally:
         if lab.owned:
@@ -64,7 +65,7 @@ def test_every_workload_reaches_every_other(lab: Lab) -> None:
     def full() -> bool:
         return all(lab.ping_matrix(timeout=2).values())
 
-    wait_until(full, 90, "the full ping matrix of the cross-subnet lab", interval=1)
+    wait_until(full, 90 * SLOWDOWN, "the full ping matrix of the cross-subnet lab", interval=1)
 
 
 def test_routes_are_direct_in_a_subnet_and_ipip_across_it(lab: Lab) -> None:
@@ -74,7 +75,7 @@ def test_routes_are_direct_in_a_subnet_and_ipip_across_it(lab: Lab) -> None:
         def installed(src: str = src, block: str = block) -> dict[str, Any] | None:
             return _route(lab, src, block)
 
-        wait_until(installed, 60, f"{src}'s route to {dst}'s block {block}")
+        wait_until(installed, 60 * SLOWDOWN, f"{src}'s route to {dst}'s block {block}")
         r = installed()
         assert r is not None and r["gateway"] == HOST_IP[dst], r
         if tunnel:

@@ -15,5 +15,5 @@ INNER_TESTS = 3
 
 def test_cross_subnet_lab_in_vm(vm: Vm) -> None:
     result = vm.pytest("tests/lab/inner_cross_subnet.py", "-x", "--durations=0",
-                       modules=("ipip", "veth", "bridge"), timeout=480).check()
+                       modules=("ipip", "veth", "bridge"), timeout=900).check()
     assert f"{INNER_TESTS} passed" in result.output, result.output[-4000:]
