@@ -3,20 +3,30 @@
 # felix and bgpd, eight workloads of two tenants) in network namespaces, shows what an operator
 # looks at, isolates one tenant with a policy, shows the effect, and tears everything down.
 #
-# Usage: sudo scripts/demo.sh [--keep]     (--keep leaves the lab up; `calyxctl lab down two-racks` later)
+# Usage: sudo scripts/demo.sh [--keep] [--hosts systemd]
+#   --keep            leave the lab up (`calyxctl lab down two-racks` later)
+#   --hosts systemd   every host boots systemd (systemd-nspawn) with Calyx's Debian package installed
+#                     (built by scripts/build-deb.sh into dist/ when there is none) and runs its units
 # Runs on a fresh Debian 12 machine: scripts/setup.sh installs what is missing first. Nothing is
 # changed in the machine's own network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 keep=0
-for arg in "$@"; do
-  case $arg in
-    --keep) keep=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "demo: unknown argument $arg (try --help)" >&2; exit 2 ;;
+hosts=processes
+while (($#)); do
+  case $1 in
+    --keep) keep=1; shift ;;
+    --hosts) hosts=${2:-}; shift 2 || { echo "demo: --hosts needs processes or systemd" >&2; exit 2; } ;;
+    --hosts=*) hosts=${1#--hosts=}; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "demo: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 done
+if [[ $hosts != processes && $hosts != systemd ]]; then
+  echo "demo: --hosts is processes or systemd, not '$hosts'" >&2
+  exit 2
+fi
 if [[ $(id -u) -ne 0 ]]; then
   echo "demo: run as root (it creates network namespaces): sudo $0 $*" >&2
   exit 1
@@ -38,8 +48,13 @@ teardown() {
   fi
 }
 
-title "bringing up the $LAB lab"
-calyxctl lab up "$LAB"
+if [[ $hosts == systemd ]] && ! compgen -G "dist/calyx_*_amd64.deb" >/dev/null; then
+  title "building the Debian package (scripts/build-deb.sh)"
+  scripts/build-deb.sh
+fi
+
+title "bringing up the $LAB lab (hosts: $hosts)"
+calyxctl lab up "$LAB" --hosts "$hosts"
 trap teardown EXIT
 ETCD=$(calyxctl lab status "$LAB" | sed -n 's/^etcd: \(http[^ ]*\) from this machine.*/\1/p')
 
@@ -54,6 +69,10 @@ calyxctl lab routes "$LAB"
 
 title "calyxctl node status, every node"
 CALYX_ETCD_ENDPOINTS=$ETCD calyxctl node status --all || true
+if [[ $hosts == systemd ]]; then
+  title "on host h1a: systemctl status of the package's units"
+  calyxctl lab exec "$LAB" h1a systemctl --no-pager --lines=0 status felix bgpd calyx-cni || true
+fi
 
 title "workloads"
 CALYX_ETCD_ENDPOINTS=$ETCD calyxctl get workloads

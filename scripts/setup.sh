@@ -17,6 +17,7 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 kmod cpio   # a second kernel under QEMU (tests/fixtures/vm.py):
                                                        # this host's kernel has no ipip
   systemd                            # systemd-analyze verify of the unit files (no systemd needs to run)
+  systemd-container debootstrap      # lab hosts that boot systemd (calyxctl lab up --hosts systemd)
 )
 
 missing=()
@@ -54,4 +55,6 @@ fi
 .venv/bin/python -m compileall -q -j 0 calyx felix bgpd tests bench >/dev/null
 echo "setup: ok ($(.venv/bin/python --version), $(etcd --version 2>/dev/null | head -1))"
 scripts/build-vm-initramfs.sh >/dev/null
+# the Debian 12 root filesystem the systemd lab hosts boot (debootstrap, once; calyx/lab/sdhosts.py)
+.venv/bin/python -c 'from calyx.lab import sdhosts; sdhosts.base_rootfs(print)'
 scripts/build-cnitool.sh >/dev/null || echo "setup: cnitool could not be built (the CNI client tests will fail)" >&2
