@@ -33,6 +33,8 @@ from typing import Any, NoReturn
 # configuration pays for every import at each call.
 
 DEFAULT_PATH = "/etc/calyx/calyx.toml"
+#: the units' EnvironmentFile=; calyxctl reads it too (systemd hands it to the daemons)
+DEFAULT_ENV_FILE = "/etc/calyx/calyx.env"
 COMPONENTS = ("felix", "bgpd", "cni", "calyxctl")
 EXIT_CONFIG = 2
 #: exit code of a daemon that must be restarted to apply a configuration change
@@ -348,6 +350,36 @@ def _check_files(values: Mapping[str, Any], origins: Mapping[str, str]) -> None:
                           f"certificate and the key it was made with") from None
 
 
+def read_env_file(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``CALYX_*`` variables of the units' environment file (``$CALYX_ENV_FILE`` or
+    /etc/calyx/calyx.env, which may be absent), so that calyxctl on a host sees what felix and bgpd
+    see. systemd's syntax: ``KEY=VALUE`` lines, ``#`` comments, values optionally quoted."""
+    path = Path(env.get("CALYX_ENV_FILE") or DEFAULT_ENV_FILE)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if "CALYX_ENV_FILE" in env:
+            raise ConfigError(f"environment variable CALYX_ENV_FILE: {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror} (run calyxctl as root, or as a member of "
+                          f"the file's group)") from None
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{path}:{n}: expected KEY=VALUE, got {line[:60]!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if key.startswith("CALYX_"):
+            out[key] = value
+    return out
+
+
 def load(
     component: str,
     *,
@@ -362,7 +394,12 @@ def load(
     """
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component}")
-    env = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    from_file: dict[str, str] = {}
+    if component == "calyxctl":
+        from_file = {k: v for k, v in read_env_file(env).items() if k not in env}
+        env = {**from_file, **env}  # the real environment wins, as a shell's export would
+    env_file = env.get("CALYX_ENV_FILE") or DEFAULT_ENV_FILE
     values: dict[str, Any] = dict(COMPONENT_DEFAULTS.get(component, {}))
     origins: dict[str, str] = {}
     sources: list[str] = []
@@ -403,11 +440,12 @@ def load(
 
     for key in FIELDS:
         for var in (f"CALYX_{key.upper()}", f"CALYX_{component.upper()}_{key.upper()}"):
+            where = f"{env_file} ({var})" if var in from_file else f"environment variable {var}"
             if var in env and key in HOST_KEYS and var != f"CALYX_{key.upper()}":
-                raise _host_key_error(key, f"environment variable {var}")
+                raise _host_key_error(key, where)
             if var in env:
-                values[key] = _convert(key, env[var], f"environment variable {var}")
-                origins[key] = f"environment variable {var}"
+                values[key] = _convert(key, env[var], where)
+                origins[key] = where
                 if "environment" not in sources:
                     sources.append("environment")
 

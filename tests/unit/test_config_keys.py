@@ -234,3 +234,32 @@ def test_node_registration_keys(tmp_path: Path) -> None:
     assert cfg.node_labels == (("empty", ""), ("rack", "r2"), ("zone", "z1"))
     assert (cfg.node_ipv4_autodetection, cfg.node_as_number) == ("can-reach=10.0.0.1", 65001)
     assert config.load("felix", path=path, environ={"CALYX_NODE_LABELS": ""}).node_labels == ()
+
+
+def test_calyxctl_reads_the_units_environment_file(tmp_path: Path) -> None:
+    envfile = tmp_path / "calyx.env"
+    envfile.write_text('# as shipped in systemd/calyx.env\n\nCALYX_ETCD_ENDPOINTS="http://10.0.0.11:2379,http://10.0.0.12:2379"\n'
+                       "CALYX_NODE_NAME='host-7'\nCALYX_FELIX_METRICS_PORT=9191\nOTHER=ignored\n")
+    path = write(tmp_path, 'log_level = "debug"\n')
+    cfg = config.load("calyxctl", path=path, environ={"CALYX_ENV_FILE": str(envfile)})
+    assert cfg.etcd_endpoints == ("http://10.0.0.11:2379", "http://10.0.0.12:2379")
+    assert cfg.node_name == "host-7" and cfg.log_level == "debug"
+    assert cfg.origin("etcd_endpoints") == f"{envfile} (CALYX_ETCD_ENDPOINTS)"
+    # the real environment wins over the file, as an export in the shell would
+    cfg = config.load("calyxctl", path=path, environ={"CALYX_ENV_FILE": str(envfile), "CALYX_NODE_NAME": "h9"})
+    assert cfg.node_name == "h9" and cfg.origin("node_name") == "environment variable CALYX_NODE_NAME"
+    # the daemons get the file from systemd (EnvironmentFile=), never by reading it themselves
+    felix = config.load("felix", path=path, environ={"CALYX_ENV_FILE": str(envfile)})
+    assert felix.etcd_endpoints == ("http://127.0.0.1:2379",)
+
+
+def test_a_bad_environment_file_is_a_configuration_error(tmp_path: Path) -> None:
+    envfile = tmp_path / "calyx.env"
+    envfile.write_text("CALYX_LOG_LEVEL=debug\nthis is not an assignment\n")
+    with pytest.raises(config.ConfigError, match=r"calyx.env:2: expected KEY=VALUE"):
+        config.load("calyxctl", path=write(tmp_path, ""), environ={"CALYX_ENV_FILE": str(envfile)})
+    envfile.write_text("CALYX_LOG_LEVEL=loud\n")
+    with pytest.raises(config.ConfigError, match=r"calyx.env \(CALYX_LOG_LEVEL\): invalid value for log_level"):
+        config.load("calyxctl", path=write(tmp_path, ""), environ={"CALYX_ENV_FILE": str(envfile)})
+    with pytest.raises(config.ConfigError, match=r"CALYX_ENV_FILE: .* does not exist"):
+        config.load("calyxctl", path=write(tmp_path, ""), environ={"CALYX_ENV_FILE": str(tmp_path / "nope")})
