@@ -177,3 +177,26 @@ def test_journald_gets_the_priorities(racks: Lab) -> None:
         assert "WARNING" in line and "<4>" not in line, line
     finally:
         racks.datastore().delete(key)
+
+
+def test_a_frozen_daemon_is_killed_by_the_watchdog_and_restarted(racks: Lab) -> None:
+    """SIGSTOP bgpd: its main loop stops turning, so do its WATCHDOG=1 pings; after WatchdogSec
+    (30 s as shipped) systemd kills it ("Watchdog timeout") and Restart= brings it back."""
+    unit = "bgpd.service"
+    racks.wait_ready(["h2b"], timeout=60)
+    before = _show(racks, "h2b", unit)
+    assert before["ActiveState"] == "active", before
+    since = racks.run("h2b", ["date", "+%Y-%m-%d %H:%M:%S"], check=True).stdout.strip()
+    racks.run("h2b", ["kill", "-STOP", before["MainPID"]], check=True)
+
+    def restarted() -> bool:
+        now = _show(racks, "h2b", unit)
+        return (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+                and int(now["NRestarts"]) == int(before["NRestarts"]) + 1)
+
+    took = wait_until(restarted, 75, "systemd's watchdog killing the frozen bgpd and restarting it", interval=1)
+    journal = racks.run("h2b", ["journalctl", "--no-pager", "-q", "-u", unit, "--since", since]).stdout
+    assert "Watchdog timeout" in journal, journal
+    print(f"frozen bgpd: killed by the watchdog and active again {took:.0f} s after SIGSTOP")
+    racks.wait_ready(["h2b"], timeout=60)
+    wait_until(lambda: _all_reach(racks), 30, "a full ping matrix after the watchdog restart")
