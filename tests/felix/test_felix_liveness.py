@@ -16,7 +16,6 @@ does) and ``WATCHDOG_USEC=2 s`` (a ping every second; /livez's limit 2 s). What 
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,12 +26,11 @@ import pytest
 from tests.felix.test_felix_netns import METRICS_PORT, WORKLOADS, Lab, wait_for
 from tests.fixtures.etcd import EtcdMember
 from tests.fixtures.netns import netns_session
-from tests.fixtures.sdnotify import NotifySocket, freeze_main_thread, http_get
+from tests.fixtures.sdnotify import QUIET, NotifySocket, assert_silent_while_stopped, freeze_main_thread, http_get
 
 pytestmark = [pytest.mark.privileged, pytest.mark.etcd]
 
 WATCHDOG_USEC = 2_000_000
-QUIET = 3.0  # seconds watched for the absence of a message (3 ping intervals)
 
 
 @pytest.fixture
@@ -141,13 +139,5 @@ def test_watchdog_pings_come_from_the_main_loop(lab: Lab, notify_socket: NotifyS
     assert _probe(lab, "/readyz")[0] == 200
 
     # the whole process stopped, as SIGSTOP does
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        stopped = time.monotonic()
-        time.sleep(QUIET)
-        assert not sock.with_field("WATCHDOG=1", since=stopped + 0.5), sock.summary()
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    cont = time.monotonic()
-    sock.wait_for("WATCHDOG=1", 10, since=cont)
+    assert_silent_while_stopped(sock, pid)
     assert lab.felix_alive() and lab.ping("w1", WORKLOADS["w2"])

@@ -76,6 +76,10 @@ def test_units_active_and_a_full_matrix(racks: Lab) -> None:
         assert racks.run(h.name, ["id", "calyx"]).returncode == 0
     wait_until(lambda: _all_reach(racks), 30, "a full ping matrix across the racks")
     assert len(racks.state.workloads) == 8
+    # on the host, calyxctl with no flags: /etc/calyx/calyx.toml and calyx.env, as the units read them
+    status = racks.run("h1a", ["calyxctl", "node", "status"])
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "h1a" in status.stdout and "10.0.1.1" in status.stdout, status.stdout
     # bgpd's routes and felix's in a host's kernel, under the protocol names the package installs
     routes = json.loads(racks.run("h1a", ["ip", "-j", "route", "show"], check=True).stdout)
     protocols = {r.get("protocol") for r in routes}
