@@ -2,8 +2,8 @@
 
 Fixtures live in ``tests/fixtures/`` (one module per kind of real component: etcd, network
 namespaces, routers, daemons...); every module there is loaded as a plugin. Tests marked
-``privileged``, ``lab`` or ``vm`` need root; they are skipped with a reason when not root, never
-silently passed.
+``privileged``, ``lab``, ``vm`` or ``deb`` need root; they are skipped with a reason when not root,
+never silently passed.
 """
 
 from __future__ import annotations
@@ -23,5 +23,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces)")
     for item in items:
-        if "privileged" in item.keywords or "lab" in item.keywords or "vm" in item.keywords:
+        if any(m in item.keywords for m in ("privileged", "lab", "vm", "deb")):
             item.add_marker(skip)
