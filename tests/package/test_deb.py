@@ -227,6 +227,8 @@ def test_install_upgrade_remove_purge(debian_root: DebianRoot, calyx_deb: Path, 
     assert toml.read_text() == edited
     assert root.file("/etc/iproute2/rt_protos.d/calyx.conf").exists()
     assert root.file("/etc/calyx/pki/etcd-ca.crt").exists()
+    assert root.file("/var/lib/calyx/felix/state").exists()
+    assert _wants(root) == set(UNITS), "remove keeps the enablement links (dangling) until purge"
 
     # purge: the configuration, the administrator's files in /etc/calyx, the state and the units'
     # enablement go; the system user stays (Debian's usual choice, docs/install.md)
