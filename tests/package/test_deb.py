@@ -1,20 +1,22 @@
 """Calyx's Debian package (docs/install.md, "The Debian package"): what ``scripts/build-deb.sh`` builds
 (files, conffiles, maintainer scripts, dependencies, lintian), and what installing, upgrading,
-removing and purging it does in a Debian 12 root. The root is a chroot with no systemd running, as
-in image builds and containers: the maintainer scripts must work there, and the daemons' commands
-must run from the installed files alone."""
+removing and purging it does in a Debian 12 root: first chrooted, with no systemd running, as in
+image builds and containers (the maintainer scripts must work there, and the daemons' commands must
+run from the installed files alone); then booted under systemd, where systemd's own state shows
+which units the package enables, starts, restarts and stops."""
 
 from __future__ import annotations
 
 import json
 import posixpath
 import re
+import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tests.fixtures.debpkg import REPO, DebianRoot, package_version, require
+from tests.fixtures.debpkg import REPO, BootedRoot, DebianRoot, package_version, require
 
 pytestmark = pytest.mark.deb
 
@@ -238,3 +240,58 @@ def test_install_upgrade_remove_purge(debian_root: DebianRoot, calyx_deb: Path, 
         assert not root.file(path).exists(), path
     assert _wants(root) == set()
     assert root.run(["getent", "passwd", "calyx"], check=False).returncode == 0
+
+
+def test_units_under_systemd(debian_root: DebianRoot, calyx_deb: Path, calyx_deb_upgrade: Path) -> None:
+    """Installed in a booted Debian 12 (systemd 252): the units are enabled and not started; an
+    upgrade restarts, once and after the unpack, those that run and leaves the others stopped; remove
+    stops them; purge forgets them. felix runs against an etcd inside, so that it is really up."""
+    etcd = Path(require("etcd", "etcd-server", "felix needs an etcd to come up inside the booted root"))
+    root = debian_root
+    depends = [d.strip().split(" ")[0] for d in _field(calyx_deb, "Depends").split(",")]
+    root.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd", "systemd-sysv", "dbus",
+              *depends], timeout=600)
+    root.run(["systemctl", "set-default", "multi-user.target"])
+    debs = root.path.parent / "debs"
+    debs.mkdir()
+    for deb in (calyx_deb, calyx_deb_upgrade):
+        shutil.copy2(deb, debs)
+
+    with BootedRoot(root, {debs: "/debs", etcd: "/usr/local/bin/etcd"}) as host:
+        host.run(["systemd-run", "--unit=etcd", "/usr/local/bin/etcd", "--data-dir=/var/lib/etcd-test",
+                  "--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
+                  "--listen-peer-urls=http://127.0.0.1:2380"])
+
+        host.run(["dpkg", "-i", f"/debs/{calyx_deb.name}"])
+        for unit in UNITS:
+            u = host.unit(unit)
+            assert (u["UnitFileState"], u["ActiveState"]) == ("enabled", "inactive"), (unit, u)
+
+        # the administrator configures the host and starts felix and the CNI service, not bgpd
+        host.run(["sh", "-c", "printf 'CALYX_ETCD_ENDPOINTS=http://127.0.0.1:2379\\nCALYX_NODE_NAME=h1\\n' "
+                  "> /etc/calyx/calyx.env"])
+        host.run(["systemctl", "start", "felix.service", "calyx-cni.service"], timeout=120)
+        before = {unit: host.unit(unit) for unit in UNITS}
+        for unit in ("felix.service", "calyx-cni.service"):
+            assert before[unit]["ActiveState"] == "active", (unit, before[unit])
+
+        r = host.run(["dpkg", "-i", f"/debs/{calyx_deb_upgrade.name}"], timeout=300)
+        after = {unit: host.unit(unit) for unit in UNITS}
+        for unit in ("felix.service", "calyx-cni.service"):
+            assert after[unit]["ActiveState"] == "active", (unit, after[unit])
+            assert after[unit]["InvocationID"] != before[unit]["InvocationID"], f"{unit} was not restarted"
+        assert after["bgpd.service"]["ActiveState"] == "inactive", "try-restart started a stopped unit"
+        # restarted once, after the new files were unpacked (no stop before)
+        journal = host.run(["journalctl", "-u", "felix.service", "-o", "cat", "--no-pager"]).stdout
+        assert journal.count("Stopping felix.service") == 1, journal[-3000:]
+        assert "Unpacking calyx" in r.stdout and "Setting up calyx" in r.stdout
+        assert "CALYX_NODE_NAME=h1" in host.run(["cat", "/etc/calyx/calyx.env"]).stdout
+
+        host.run(["dpkg", "-r", "calyx"])
+        for unit in UNITS:
+            assert host.unit(unit)["ActiveState"] == "inactive", unit
+        host.run(["dpkg", "-P", "calyx"])
+        for unit in UNITS:
+            assert host.unit(unit)["UnitFileState"] == "", unit
+        assert not host.run(["sh", "-c", "ls /etc/systemd/system/multi-user.target.wants | grep -E 'felix|bgpd|calyx'"],
+                            check=False).stdout
