@@ -35,7 +35,7 @@ while (($#)); do
     --version) version=$2; shift 2 ;;
     --output) out=$(realpath -m "$2"); shift 2 ;;
     --list-inputs) list_inputs; exit 0 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-deb: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
