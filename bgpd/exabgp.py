@@ -79,14 +79,15 @@ def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork a
 
 
 def resolve_binary(name: str) -> str:
-    """``exabgp`` from PATH, else the one installed next to our interpreter (the same virtualenv)."""
+    """``exabgp`` installed next to our interpreter (the same virtualenv: the pinned version bgpd's
+    configuration is written for), else from PATH. An ExaBGP of another version elsewhere on PATH
+    (Debian's package puts 4.2 in /usr/sbin) is not picked up unless named by its path."""
     if os.sep in name:
         return name
-    found = shutil.which(name)
-    if found:
-        return found
     local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name) or name
 
 
 def helper_command(socket_path: str) -> str:

@@ -17,7 +17,8 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-cloud-amd64 kmod cpio   # a second kernel under QEMU (tests/fixtures/vm.py):
                                                        # this host's kernel has no ipip
   systemd                            # systemd-analyze verify of the unit files (no systemd needs to run)
-  systemd-container debootstrap      # lab hosts that boot systemd (calyxctl lab up --hosts systemd)
+  debhelper help2man lintian debootstrap   # the Debian package: scripts/build-deb.sh, tests/package (marker deb)
+  systemd-container                  # lab hosts that boot systemd (calyxctl lab up --hosts systemd)
 )
 
 missing=()

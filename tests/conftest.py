@@ -2,8 +2,8 @@
 
 Fixtures live in ``tests/fixtures/`` (one module per kind of real component: etcd, network
 namespaces, routers, daemons...); every module there is loaded as a plugin. Tests marked
-``privileged``, ``lab``, ``systemd`` or ``vm`` need root; they are skipped with a reason when not root, never
-silently passed.
+``privileged``, ``lab``, ``systemd``, ``vm`` or ``deb`` need root; they are skipped with a reason when
+not root, never silently passed.
 """
 
 from __future__ import annotations
@@ -23,5 +23,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces)")
     for item in items:
-        if {"privileged", "lab", "vm", "systemd"} & set(item.keywords):
+        if {"privileged", "lab", "vm", "systemd", "deb"} & set(item.keywords):
             item.add_marker(skip)
