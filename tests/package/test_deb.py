@@ -12,6 +12,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -141,7 +142,9 @@ def test_package_control(calyx_deb: Path, tmp_path: Path) -> None:
     # try-restarted after an upgrade (only if running), never stopped while the upgrade unpacks,
     # stopped on remove
     assert "deb-systemd-invoke start" not in postinst and "_dh_action=start" not in postinst
-    assert re.search(r'if \[ -n "\$2" \]; then\s+deb-systemd-invoke try-restart', postinst), postinst
+    assert re.search(r'if \[ "\$1" = "configure" \] && \[ -n "\$2" \].*\n\s+systemctl try-restart --no-block '
+                     r"felix.service bgpd.service calyx-cni.service", postinst), postinst
+    assert "deb-systemd-invoke try-restart" not in postinst  # it waits for Type=notify units: apt would hang
     assert "stop" not in preinst
     assert re.search(r'if \[ "\$1" = remove \].*\n\s+deb-systemd-invoke stop calyx-cni.service bgpd.service '
                      r"felix.service", prerm), prerm
@@ -276,6 +279,15 @@ def test_units_under_systemd(debian_root: DebianRoot, calyx_deb: Path, calyx_deb
             assert before[unit]["ActiveState"] == "active", (unit, before[unit])
 
         r = host.run(["dpkg", "-i", f"/debs/{calyx_deb_upgrade.name}"], timeout=300)
+
+        def restarted() -> bool:  # queued by postinst (--no-block): wait for systemd to do it
+            now = {unit: host.unit(unit) for unit in ("felix.service", "calyx-cni.service")}
+            return all(u["ActiveState"] == "active" and u["InvocationID"] != before[n]["InvocationID"]
+                       for n, u in now.items())
+
+        deadline = time.monotonic() + 60
+        while not restarted() and time.monotonic() < deadline:
+            time.sleep(0.5)
         after = {unit: host.unit(unit) for unit in UNITS}
         for unit in ("felix.service", "calyx-cni.service"):
             assert after[unit]["ActiveState"] == "active", (unit, after[unit])
