@@ -352,8 +352,6 @@ class Lab:
                     fabric.run_exec(self.ns(node.name), argv)
                 except FabricError as exc:
                     raise LabError(f"exec failed: {exc}", node=node.name) from None
-        if tree is not None:
-            self._boot_hosts(tree)
         if wanted and "ipip" in self.topo.requires and not ipip_available(self.ns(self.topo.hosts[0].name)):
             raise LabError("this lab needs IP-in-IP and this kernel has no ipip module (no tunl0); "
                            "use --no-daemons for the topology alone, or run it where ipip exists")
@@ -365,6 +363,10 @@ class Lab:
         for node in self.topo.by_role("frr", "bird"):
             self.start_router(node.name)
             self.progress(f"{node.name}: {node.role} started")
+        if tree is not None:
+            # after etcd and the cluster objects: the units are Type=notify and a host's boot is
+            # complete only once felix and bgpd are in sync (READY=1), as on a real host
+            self._boot_hosts(tree)
         if wanted:
             for node in self.topo.hosts:
                 for d in wanted:

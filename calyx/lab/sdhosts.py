@@ -223,8 +223,11 @@ def run(machine: Proc, argv: Sequence[str], *, timeout: float = 60, input: str |
                           timeout=timeout, check=False)
 
 
-def wait_booted(machine: Proc, timeout: float = 60) -> str:
-    """Wait until the machine's systemd finished starting up; its state ("running" or "degraded")."""
+def wait_booted(machine: Proc, timeout: float = 120) -> str:
+    """Wait until the machine's systemd finished starting up; its state ("running" or "degraded").
+
+    Start-up includes the package's Type=notify units: felix and bgpd are started once in sync with
+    etcd, so a host boots completely only when the datastore answers (as on a real host)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:

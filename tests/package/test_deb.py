@@ -142,8 +142,9 @@ def test_package_control(calyx_deb: Path, tmp_path: Path) -> None:
     # try-restarted after an upgrade (only if running), never stopped while the upgrade unpacks,
     # stopped on remove
     assert "deb-systemd-invoke start" not in postinst and "_dh_action=start" not in postinst
-    assert re.search(r'if \[ "\$1" = "configure" \] && \[ -n "\$2" \].*\n\s+systemctl try-restart --no-block '
-                     r"felix.service bgpd.service calyx-cni.service", postinst), postinst
+    assert re.search(r'if \[ "\$1" = "configure" \] && \[ -n "\$2" \].*?\n\s+systemctl try-restart --no-block '
+                     r"felix.service bgpd.service calyx-cni.service", postinst, re.S), postinst
+    assert "/usr/sbin/policy-rc.d calyx restart" in postinst  # what deb-systemd-invoke would have honoured
     assert "deb-systemd-invoke try-restart" not in postinst  # it waits for Type=notify units: apt would hang
     assert "stop" not in preinst
     assert re.search(r'if \[ "\$1" = remove \].*\n\s+deb-systemd-invoke stop calyx-cni.service bgpd.service '
