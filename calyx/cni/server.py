@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from calyx import health as calyx_health
 from calyx.cni import shim, spec
@@ -172,12 +173,15 @@ class Server:
         self.health.set_ready(f"listening on {self.path}")
         while not self._stop.is_set():
             self.health.beat()
-            self._sock.settimeout(max(0.01, min(ACCEPT_TICK, self.health.next_turn())))
+            sock = cast("socket.socket | None", self._sock)  # stop() closes and clears it, from another thread
+            if sock is None:
+                break
             try:
-                conn, _ = self._sock.accept()
+                sock.settimeout(max(0.01, min(ACCEPT_TICK, self.health.next_turn())))
+                conn, _ = sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError:  # EBADF: closed by stop() between the check above and here
                 if self._stop.is_set():
                     break
                 raise
