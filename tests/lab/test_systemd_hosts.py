@@ -204,3 +204,29 @@ def test_a_frozen_daemon_is_killed_by_the_watchdog_and_restarted(racks: Lab) -> 
     print(f"frozen bgpd: killed by the watchdog and active again {took:.0f} s after SIGSTOP")
     racks.wait_ready(["h2b"], timeout=60)
     wait_until(lambda: _all_reach(racks), 30, "a full ping matrix after the watchdog restart")
+
+
+def test_bgp_sessions_with_tcp_md5_under_the_units_hardening(racks: Lab) -> None:
+    """A password on rack 2's peering (the ToR's peer group and the BGPPeer): bgpd's ExaBGP, as user
+    calyx inside bgpd.service's sandbox, re-establishes both sessions with a TCP MD5 key."""
+    secret = "S3cret-md5"
+    r = racks.run("tor2", ["vtysh", "-c", "conf t", "-c", "router bgp 65002", "-c",
+                           f"neighbor HOSTS password {secret}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    racks.apply_text("kind: BGPPeer\nname: rack2-tor\nspec: {peer_ip: 10.0.2.1, as_number: 65002, "
+                     f"node_selector: \"rack == 'r2'\", password: {secret}}}\n")
+
+    def md5_socket(host: str) -> str:
+        out = racks.run(host, ["ss", "-tnie", "state", "established", "( sport = :179 or dport = :179 )"]).stdout
+        # ss prints the socket's key list as md5keys:<peer>/32=<key> (the key's bytes may land out of
+        # place in its output, so the two are looked for apart)
+        return out if "md5keys:10.0.2.1/32=" in out and secret in out else ""
+
+    for host in ("h2a", "h2b"):
+        wait_until(lambda h=host: md5_socket(h), 60, f"{host}'s session to tor2 with a TCP MD5 key")
+        out = md5_socket(host)
+        assert out, f"{host}'s signed session went away"
+        uid = racks.run(host, ["id", "-u", "calyx"], check=True).stdout.strip()
+        assert f"uid:{uid}" in out and "cgroup:/system.slice/bgpd.service" in out, out
+    racks.wait_ready(["h2a", "h2b"], timeout=60)
+    wait_until(lambda: _all_reach(racks), 30, "a full ping matrix with rack 2's sessions signed")
