@@ -80,10 +80,14 @@ def test_units_active_and_a_full_matrix(racks: Lab) -> None:
     status = racks.run("h1a", ["calyxctl", "node", "status"])
     assert status.returncode == 0, status.stdout + status.stderr
     assert "h1a" in status.stdout and "10.0.1.1" in status.stdout, status.stdout
-    # bgpd's routes and felix's in a host's kernel, under the protocol names the package installs
-    routes = json.loads(racks.run("h1a", ["ip", "-j", "route", "show"], check=True).stdout)
-    protocols = {r.get("protocol") for r in routes}
-    assert {"calyx-bgpd", "calyx-felix"} <= protocols, routes
+    # bgpd's routes (h1b's block, reflected by the ToR, via h1b itself) and felix's in a host's
+    # kernel, under the protocol names the package installs
+    def protocols() -> set[str | None]:
+        routes = json.loads(racks.run("h1a", ["ip", "-j", "route", "show"], check=True).stdout)
+        return {r.get("protocol") for r in routes}
+
+    wait_until(lambda: {"calyx-bgpd", "calyx-felix"} <= protocols(), 30,
+               "routes of protocols calyx-bgpd and calyx-felix on h1a")
 
 
 def test_tenant_isolation(racks: Lab) -> None:
