@@ -33,11 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from calyx.kernel.rtnl import IFF_UP, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN
+
 METHODS = ("default-route", "interface=REGEX", "can-reach=IP", "skip")
 DEFAULT = "default-route"
-_IFF_UP = 0x1
-_RT_SCOPE_UNIVERSE = 0
-_MAIN_TABLE = 254
 
 
 class DetectionError(Exception):
@@ -101,7 +100,7 @@ def _ipr(netns: str | None) -> Iterator[Any]:
 
 def _links(ipr: Any) -> dict[int, tuple[str, bool]]:
     """ifindex → (name, administratively up)."""
-    return {int(m["index"]): (str(m.get_attr("IFLA_IFNAME")), bool(m["flags"] & _IFF_UP)) for m in ipr.get_links()}
+    return {int(m["index"]): (str(m.get_attr("IFLA_IFNAME")), bool(m["flags"] & IFF_UP)) for m in ipr.get_links()}
 
 
 def _addresses(ipr: Any) -> dict[int, list[tuple[ipaddress.IPv4Interface, int]]]:
@@ -119,7 +118,7 @@ def _addresses(ipr: Any) -> dict[int, list[tuple[ipaddress.IPv4Interface, int]]]
 def _first_global(addrs: list[tuple[ipaddress.IPv4Interface, int]]) -> ipaddress.IPv4Interface | None:
     for addr, scope in addrs:
         # the scope is what `ip addr add` was told (global unless said otherwise): judge the address too
-        if scope == _RT_SCOPE_UNIVERSE and not (addr.ip.is_link_local or addr.ip.is_loopback):
+        if scope == RT_SCOPE_UNIVERSE and not (addr.ip.is_link_local or addr.ip.is_loopback):
             return addr
     return None
 
@@ -134,7 +133,7 @@ def _describe(addrs: list[tuple[ipaddress.IPv4Interface, int]]) -> str:
 def _default_route(ipr: Any, links: dict[int, tuple[str, bool]],
                    addrs: dict[int, list[tuple[ipaddress.IPv4Interface, int]]]) -> Detected:
     best: tuple[int, int] | None = None  # (metric, oif)
-    for route in ipr.get_routes(family=2, dst_len=0, table=_MAIN_TABLE):
+    for route in ipr.get_routes(family=2, dst_len=0, table=RT_TABLE_MAIN):
         if route["type"] != 1:  # unicast only: a blackhole/unreachable default leads nowhere
             continue
         oif = route.get_attr("RTA_OIF")
