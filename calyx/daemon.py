@@ -137,9 +137,14 @@ class LeasedStatus:
                 self._lease.revoke()
 
     def _loop(self) -> None:
+        """Refresh the lease every ttl/3 and write what changed. A failure is retried every second
+        with a new lease (the old one may have expired meanwhile); it is logged at INFO, and at
+        WARNING only once it has lasted half the TTL — from then on the keys may expire — so that
+        one slow answer (an election, a busy member) is no warning."""
         period = max(1.0, self.ttl / 3)
         next_refresh = 0.0
-        failing = False
+        failing_since: float | None = None
+        warned = False
         while not self._stopping.is_set():
             try:
                 now = time.monotonic()
@@ -151,13 +156,18 @@ class LeasedStatus:
                     self._lease.refresh()
                     next_refresh = now + period
                 self._flush()
-                if failing:
-                    log.info("status reporting recovered")
-                failing = False
+                if failing_since is not None:
+                    log.info("status reporting recovered after %.1f s", time.monotonic() - failing_since)
+                failing_since, warned = None, False
             except DatastoreError as exc:
-                if not failing:
-                    log.warning("status reporting failed: %s; will retry", exc)
-                failing = True
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    log.info("status reporting failed: %s; retrying", exc)
+                elif not warned and now - failing_since >= self.ttl / 2:
+                    warned = True
+                    log.warning("status reporting failing for %.0f s (lease TTL %d s: this node's status keys "
+                                "may expire): %s; will retry", now - failing_since, self.ttl, exc)
                 # the lease may have expired during the outage: start over with a new one
                 self._lease = None
                 next_refresh = 0.0

@@ -179,8 +179,13 @@ def cgroup_dirs(netns: str) -> list[Path]:
     return [h / CGROUP_PARENT / netns for h in _hierarchies()]
 
 
-def boot(*, name: str, netns: str, tree: Path, etc_dir: Path, log: Path, node: str) -> Proc:
-    """Boot ``tree`` as machine ``name`` inside ``netns``; returns nspawn's process (the launcher's pid)."""
+def boot(*, name: str, netns: str, tree: Path, etc_dir: Path | None, log: Path, node: str,
+         binds_ro: Mapping[Path, str] | None = None) -> Proc:
+    """Boot ``tree`` as machine ``name`` inside ``netns``; returns nspawn's process (the launcher's pid).
+
+    ``etc_dir`` is bound read-only on ``/etc/calyx`` (the lab writes the hosts' configuration there);
+    ``None`` leaves the machine's own ``/etc/calyx`` (the package's conffiles, edited inside, as an
+    operator does). ``binds_ro`` are more host paths bound read-only (``{host path: path inside}``)."""
     cgroups = cgroup_dirs(netns)
     if not cgroups:
         raise HostError("no cgroup hierarchy to put the machine in (/sys/fs/cgroup has neither systemd nor v2)")
@@ -188,8 +193,11 @@ def boot(*, name: str, netns: str, tree: Path, etc_dir: Path, log: Path, node: s
         "systemd-nspawn", "--quiet", "--boot", "-D", str(tree), f"--machine={name}", f"--hostname={name}",
         f"--uuid={secrets.token_hex(16)}", "--register=no", "--keep-unit", "--console=passive",
         "--volatile=overlay", f"--network-namespace-path=/run/netns/{netns}",
-        "--capability=CAP_NET_ADMIN,CAP_NET_RAW", f"--bind-ro={etc_dir}:/etc/calyx", "--bind=/run/netns:/run/netns",
+        "--capability=CAP_NET_ADMIN,CAP_NET_RAW", "--bind=/run/netns:/run/netns",
     ]  # fmt: skip
+    if etc_dir is not None:
+        argv.append(f"--bind-ro={etc_dir}:/etc/calyx")
+    argv += [f"--bind-ro={host}:{inside}" for host, inside in (binds_ro or {}).items()]
     script = "".join(f'mkdir -p {c} && echo $$ > {c}/cgroup.procs || exit 1\n' for c in cgroups) + 'exec "$@"\n'
     env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
     env.pop("NOTIFY_SOCKET", None)
